@@ -1,0 +1,154 @@
+"""Command line: training through LightningCLI, plus tools for trained vectors.
+
+    python cli.py fit --config configs/steering_rl_smollm2.yaml          # train
+    python cli.py fit --config configs/steering_rl_smollm2.yaml --ckpt_path last   # resume
+    python cli.py fit --config configs/steering_rl.yaml --print_config   # show every field
+    python cli.py generate --vector RUN/steering_vector.pt --prompt "..."   # replies, vector off and on
+    python cli.py evaluate --vector RUN/steering_vector.pt               # held-out report
+
+A run lives in ``<output_dir>/<run_name>/``: the resolved ``config.yaml``, ``metrics.csv``,
+``checkpoints/``, ``vectors/``, ``steering_vector.pt``, ``curves.png`` and held-out reports.
+Problems a user can fix end the program with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from argparse import ArgumentError
+from pathlib import Path
+
+from modules.errors import UserError
+
+TOOLS = ("generate", "evaluate")
+
+
+def _quiet_known_warnings() -> None:
+    for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", ".*TPU available.*",
+                    ".*`isinstance.*LeafSpec.*", ".*The `srun` command is available.*",
+                    ".*Checkpoint directory .* exists and is not empty.*"):
+        warnings.filterwarnings("ignore", pattern)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_training(argv: list[str] | None) -> None:
+    from lightning.pytorch.cli import LightningCLI
+    from modules.on_policy import OnPolicyModule
+
+    class RLCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--run_name", type=str, default="run", help="Name of the run folder.")
+            parser.add_argument("--output_dir", type=str, default="steering_runs", help="Parent folder of runs.")
+            parser.add_argument("--wandb_project", type=str | None, default=None,
+                                help="Log to this W&B project too (WANDB_MODE=offline works without a key).")
+            parser.set_defaults({"trainer.use_distributed_sampler": False,  # prompts are scheduled per rank
+                                 "trainer.log_every_n_steps": 1, "trainer.limit_val_batches": 0,
+                                 "trainer.num_sanity_val_steps": 0})
+            parser.link_arguments("model.init_args.total_updates", "trainer.max_steps", apply_on="instantiate")
+            parser.link_arguments(("model.init_args.batch_size", "model.init_args.grad_accum"),
+                                  "data.init_args.prompts_per_update", compute_fn=lambda b, a: b * a,
+                                  apply_on="instantiate")
+
+        def before_fit(self) -> None:
+            self.model.preflight()  # before any run folder is written
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config.get(self.subcommand, self.config)
+            if self.subcommand != "fit":
+                return
+            run_dir = str(Path(config.output_dir) / config.run_name)
+            config.trainer.default_root_dir = run_dir
+            if config.trainer.logger in (None, True):
+                config.trainer.logger = _default_loggers(run_dir, config.run_name, config.wandb_project)
+
+    RLCLI(
+        OnPolicyModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False, "fit": {"exit_on_error": False}},
+        args=argv,
+        auto_configure_optimizers=False,
+    )
+
+
+def _default_loggers(run_dir: str, run_name: str, wandb_project: str | None) -> list[dict]:
+    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": run_dir, "name": "", "version": ""}}]
+    try:
+        import tensorboard  # noqa: F401
+
+        loggers.append({"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                        "init_args": {"save_dir": run_dir, "name": "", "version": "tensorboard"}})
+    except ImportError:
+        pass
+    project = wandb_project or os.environ.get("WANDB_PROJECT")
+    if project:
+        loggers.append({"class_path": "lightning.pytorch.loggers.WandbLogger",
+                        "init_args": {"project": project, "name": run_name, "save_dir": run_dir,
+                                      "id": wandb_run_id(run_dir), "resume": "allow"}})
+    return loggers
+
+
+def describe_config_error(message: str) -> str:
+    """One line from jsonargparse's nested report: the dotted key and the innermost problem."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    detail_pattern = r"(is not accepted|Got value|unrecognized arguments|No module named|does not exist|Unable to|not found)"
+    details = [line.strip(" -") for line in message.splitlines() if re.search(detail_pattern, line)]
+    detail = details[0] if details else message.strip().splitlines()[0]
+    field = ".".join(k for k in keys if k != "init_args")
+    return f"{field}: {detail}" if field else detail
+
+
+def wandb_run_id(run_dir: str) -> str:
+    """The run's W&B id, kept in the run folder so that a resumed run continues the same W&B run."""
+    path = Path(run_dir) / "wandb_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id)
+    return run_id
+
+
+def _find_user_error(err: BaseException | None) -> UserError | None:
+    """A UserError raised while jsonargparse instantiated a class arrives wrapped: unwrap it."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    _quiet_known_warnings()
+    try:
+        if args and args[0] in TOOLS:
+            from modules import tools
+
+            getattr(tools, args[0])(args[1:])
+        else:
+            run_training(argv)
+    except FileNotFoundError as err:  # e.g. a --ckpt_path that does not exist
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except ArgumentError as err:
+        print(f"error: {describe_config_error(str(err))} (python cli.py fit --help lists the fields)", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        user_error = _find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

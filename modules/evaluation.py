@@ -1,0 +1,158 @@
+"""Held-out evaluation of an intervention: the same prompts and sampling seeds with it on and off.
+
+For every held-out prompt and sample index the policy answers twice with one sampling seed, once
+with the intervention (steering vector) on and once off. Both replies are scored by the same
+reward; the "on" replies also get the exact KL(p_on || p_off) over their tokens. The report gives
+each arm's mean reward with its standard error, the difference with a Welch and a paired
+standard error, the mean KL, reply lengths, and a few replies side by side.
+
+A training callback (``callbacks.heldout.HeldOutEvaluation``), the CLI's ``evaluate`` command and
+the learning test all call :func:`evaluate_intervention`.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from datamodules.prompts import encode_prompts
+from modules.on_policy import PromptBatch
+from modules.rollout import Rollout
+
+
+class Intervenable(Protocol):
+    """What evaluation needs from a training module (SteeringVectorRL provides it)."""
+
+    tokenizer: object
+    reward: object
+
+    def rollout_micro_batch(self, prompts: PromptBatch, seed: int) -> Rollout: ...
+    def intervention_off(self): ...
+    def token_stats(self, batch: Rollout, with_grad: bool): ...
+
+
+@dataclass
+class Arm:
+    rewards: list[float] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    replies: list[str] = field(default_factory=list)
+    failed: int = 0
+
+    def mean(self) -> float:
+        return sum(self.rewards) / max(len(self.rewards), 1)
+
+    def se(self) -> float:
+        return _std(self.rewards) / math.sqrt(max(len(self.rewards), 1))
+
+
+@dataclass
+class HeldOutReport:
+    """Results of :func:`evaluate_intervention`."""
+
+    samples_per_arm: int
+    reward_on: float
+    reward_on_se: float
+    reward_off: float
+    reward_off_se: float
+    difference: float
+    difference_se: float
+    """Welch standard error of the difference of means (conservative: ignores the pairing)."""
+    paired_se: float
+    """Standard error of the mean paired difference (same prompt and seed)."""
+    kl_per_token: float
+    kl_per_reply: float
+    length_on: float
+    length_off: float
+    judge_failed: int
+    examples: list[dict] = field(default_factory=list)
+
+    @property
+    def z(self) -> float:
+        """Difference in Welch standard errors."""
+        return self.difference / self.difference_se if self.difference_se > 0 else float("inf")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def format(self, width: int = 100) -> str:
+        lines = [
+            f"held-out evaluation: {self.samples_per_arm} samples per arm (same prompts and sampling seeds)",
+            f"  reward, vector off : {self.reward_off:+.4f} ± {self.reward_off_se:.4f}",
+            f"  reward, vector on  : {self.reward_on:+.4f} ± {self.reward_on_se:.4f}",
+            f"  on − off           : {self.difference:+.4f} ± {self.difference_se:.4f} (Welch; {self.z:+.1f} SE),"
+            f" paired SE {self.paired_se:.4f}",
+            f"  KL(on || off)      : {self.kl_per_token:.4f} per token, {self.kl_per_reply:.3f} per reply",
+            f"  reply length       : {self.length_on:.1f} tokens on, {self.length_off:.1f} off",
+        ]
+        if self.judge_failed:
+            lines.append(f"  judge failures     : {self.judge_failed} samples left out")
+        for i, ex in enumerate(self.examples, 1):
+            lines.append(f"--- example {i}: {ex['prompt']}")
+            for arm in ("off", "on"):
+                reply = textwrap.shorten(ex[arm].replace("\n", " "), width=width * 2, placeholder=" ...")
+                lines.append(f"  [{arm:>3}] ({ex['reward_' + arm]:+.3f}) {reply}")
+        return "\n".join(lines)
+
+
+def _std(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+@torch.no_grad()
+def evaluate_intervention(
+    module: Intervenable,
+    prompts: list[str],
+    samples_per_prompt: int = 1,
+    seed: int = 12345,
+    batch_size: int = 16,
+    system_prompt: str | None = None,
+    show_examples: int = 3,
+    progress: bool = True,
+) -> HeldOutReport:
+    """Compare the policy with its intervention on and off on ``prompts`` (see the module doc)."""
+    on, off = Arm(), Arm()
+    kl_sum = kl_tokens = 0.0
+    diffs: list[float] = []
+    examples: list[dict] = []
+    jobs = [(s, prompts[i : i + batch_size]) for s in range(samples_per_prompt) for i in range(0, len(prompts), batch_size)]
+    for job, (sample, chunk) in enumerate(tqdm(jobs, desc="held-out", disable=not progress, leave=False)):
+        batch = encode_prompts(module.tokenizer, chunk, system_prompt)
+        run_seed = (seed * 7_919 + job * 104_729) % (2**31 - 1)
+        rollout_on = module.rollout_micro_batch(batch, run_seed)
+        with module.intervention_off():
+            rollout_off = module.rollout_micro_batch(batch, run_seed)
+        pending = [module.reward.submit(r.prompts, r.responses) for r in (rollout_on, rollout_off)]
+        _, _, kl = module.token_stats(rollout_on, with_grad=False)
+        if kl is not None:
+            kl_sum, kl_tokens = kl_sum + float(kl.sum()), kl_tokens + kl.numel()
+        rewards_on, rewards_off = (p.result() for p in pending)
+        for i in range(len(chunk)):
+            if not (rewards_on.valid[i] and rewards_off.valid[i]):
+                on.failed += 1
+                continue
+            for arm, rollout, rewards in ((on, rollout_on, rewards_on), (off, rollout_off, rewards_off)):
+                arm.rewards.append(float(rewards.values[i]))
+                arm.lengths.append(int(rollout.lengths[i]))
+                arm.replies.append(rollout.responses[i])
+            diffs.append(on.rewards[-1] - off.rewards[-1])
+            if len(examples) < show_examples:
+                examples.append({"prompt": chunk[i], "off": off.replies[-1], "on": on.replies[-1],
+                                 "reward_off": off.rewards[-1], "reward_on": on.rewards[-1]})
+    n = len(on.rewards)
+    return HeldOutReport(
+        samples_per_arm=n,
+        reward_on=on.mean(), reward_on_se=on.se(), reward_off=off.mean(), reward_off_se=off.se(),
+        difference=on.mean() - off.mean(), difference_se=math.sqrt(on.se() ** 2 + off.se() ** 2),
+        paired_se=_std(diffs) / math.sqrt(max(n, 1)),
+        kl_per_token=kl_sum / max(kl_tokens, 1), kl_per_reply=kl_sum / max(n + on.failed, 1),
+        length_on=sum(on.lengths) / max(n, 1), length_off=sum(off.lengths) / max(n, 1),
+        judge_failed=on.failed, examples=examples,
+    )

@@ -1,0 +1,139 @@
+"""Generation of on-policy rollouts, and the teacher-forced forward pass over them.
+
+Everything that samples from a policy goes through :func:`rollout`, so that a faster engine (a
+static KV cache with the decode step in a CUDA graph, see the roadmap) can replace this one call.
+Prompts are left-padded to a common length ``P``; responses start at position ``P`` in every row,
+which the steering position rules and :func:`response_hidden_states` rely on.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import ContextManager
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How responses are sampled."""
+
+    max_new_tokens: int = 120
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class Rollout:
+    """One micro-batch of prompts and the responses sampled for them."""
+
+    prompts: list[str]
+    """The raw user prompts (before the chat template)."""
+    prompt_ids: torch.Tensor
+    """[B, P] left-padded prompt token ids (chat template applied)."""
+    prompt_mask: torch.Tensor
+    """[B, P] 1 on real prompt tokens."""
+    response_ids: torch.Tensor
+    """[B, R] sampled tokens, right-padded; includes the end-of-turn token when one was sampled."""
+    response_mask: torch.Tensor
+    """[B, R] 1 on response tokens up to and including the first end-of-turn token."""
+    responses: list[str]
+    """Decoded responses (special tokens removed), what the judge scores."""
+    seconds: float = 0.0
+    """Wall time of generation."""
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """End-of-turn ids: the generation config's ``eos_token_id`` (int or list) and the tokenizer's."""
+    ids: set[int] = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is not None:
+        ids.update([eos] if isinstance(eos, int) else eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """1 up to and including the first stop token of each row (all ones if none was sampled)."""
+    is_stop = torch.isin(response_ids, torch.tensor(stop_ids, device=response_ids.device))
+    stops_before = torch.cumsum(is_stop.long(), dim=-1) - is_stop.long()
+    return (stops_before == 0).long()
+
+
+def decode_response(tokenizer, ids: torch.Tensor, mask: torch.Tensor, stop_ids: list[int]) -> str:
+    """The response text: tokens under the mask, without the end-of-turn token."""
+    kept = ids[mask.bool()].tolist()
+    if kept and kept[-1] in stop_ids:
+        kept = kept[:-1]
+    return tokenizer.decode(kept, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def rollout(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    sampling: SamplingConfig,
+    seed: int | None = None,
+    intervention: ContextManager | None = None,
+) -> Rollout:
+    """Sample one response per prompt from ``model`` as it is now (its current parameters).
+
+    Args:
+        seed: Seeds torch's generator right before sampling, so that a rollout depends only on the
+            parameters, the prompts and this seed (exact resume, paired on/off comparisons).
+        intervention: A context entered around ``generate`` (e.g. ``steering.prompt_length(P)``).
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    stop_ids = stop_token_ids(model, tokenizer)
+    start = time.perf_counter()
+    with intervention or nullcontext():
+        out = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=0,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    seconds = time.perf_counter() - start
+    response_ids = out[:, prompt_ids.shape[1] :]
+    response_mask = response_mask_from_ids(response_ids, stop_ids)
+    response_ids = torch.where(response_mask.bool(), response_ids, tokenizer.pad_token_id)
+    texts = [decode_response(tokenizer, row, mask, stop_ids) for row, mask in zip(response_ids, response_mask)]
+    return Rollout(prompts, prompt_ids, prompt_mask, response_ids, response_mask, texts, seconds)
+
+
+def response_hidden_states(model: nn.Module, batch: Rollout) -> torch.Tensor:
+    """Final hidden states (after the final norm) at the positions that predict response tokens.
+
+    Returns [N, d] for the N response tokens (row-major over ``batch.response_mask``). Position ids
+    follow the attention mask (as ``generate`` does with left padding), so the log-probs match the
+    ones the tokens were sampled with.
+    """
+    input_ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1)
+    attention_mask = torch.cat([batch.prompt_mask, batch.response_mask], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    prompt_len = batch.prompt_ids.shape[1]
+    predicting = hidden[:, prompt_len - 1 : -1]  # position t predicts token t + 1
+    return predicting[batch.response_mask.bool()]

@@ -1,0 +1,215 @@
+"""SteeringVectorRL: train one steering vector (and its scale) with on-policy REINFORCE.
+
+A frozen chat model gets ``alpha * v`` added at one decoder layer; only ``v`` and ``alpha`` train.
+Each update (see :mod:`modules.on_policy`): sample replies with the vector on, score them with a
+judge (``loglik`` or ``contrast`` reward), turn rewards into advantages, and minimise
+
+    loss = -mean_i( A_i * sum_t log p(y_it) )  +  kl_coef * mean_i( sum_t KL_t(p_steered || p_ref) )
+
+where ``p_ref`` is the same model with the steering switched off (no second copy of the model).
+
+Where this departs from seed 000:
+
+1. The judge scores the *policy's* response teacher-forced; the seed's code scored tokens the
+   judge sampled itself, which does not measure the policy's response.
+2. A ``contrast`` reward (persona minus counter-persona log-likelihood) exists beside the seed's
+   ``loglik``, and is the embedded default's reward: with a small judge ``loglik`` rewards fluency.
+3. The KL term defaults to the exact KL over the vocabulary at every response position
+   (differentiable, chunked); the sampled log-ratio is offered only in forms whose gradient is
+   right (``k3`` as a loss, or folded into the reward). Both the KL and the log-prob are summed
+   over response tokens and averaged over samples (a sequence-level KL).
+4. Log-probs in the loss use the sampling temperature, so they are those of the sampling policy.
+5. ``v`` and ``alpha`` are fp32 master copies (the seed kept them in bf16); the frozen model stays
+   in bf16 on GPU and ``alpha * v`` is cast to its dtype when added.
+6. ``v`` starts at zero (so the first rollouts are the base model's) unless ``init_std > 0``.
+7. Samples whose judge call failed are masked out of the update and counted (``judge/failed``);
+   the seed's fallback returned a reward of 0.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from modules.errors import UserError
+
+from modules.judges.base import Judge
+from modules.judges.local import LocalJudge
+from modules.judges.rewards import HONEST_PERSONA, SYCOPHANT_PERSONA, PendingRewards, PersonaReward, RewardMode
+from modules.models.loading import load_causal_lm
+from modules.models.steering_io import save_steering_vector
+from modules.models.steering import HookPoint, SteerPositions, Steering, SteeringVector
+from modules.on_policy import Experience, OnPolicyModule, PromptBatch
+from modules.rl.advantages import advantage_fn, masked_mean
+from modules.rl.kl import KLEstimator, exact_kl, k3_kl, sampled_log_ratio
+from modules.rl.losses import reinforce_loss, response_token_stats
+from modules.rollout import Rollout, response_hidden_states, rollout
+
+
+KL_PENALTIES = {
+    # per-token KL term of the loss, from (logp, ref_logp, full-vocabulary KL)
+    "exact": lambda logp, ref_logp, full_kl: full_kl,
+    "k3": lambda logp, ref_logp, full_kl: k3_kl(logp, ref_logp),
+    "reward": None,
+}
+
+
+class SteeringVectorRL(OnPolicyModule):
+    """Train a steering vector ``v`` and scale ``alpha`` at one layer of a frozen chat model.
+
+    Args:
+        model: Policy model: Hub id, local folder, .gguf file, or ``embedded:smollm2``.
+        dtype: Dtype of the frozen model: ``auto`` (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32.
+        hook_layer: Decoder layer (0-based) whose norm output is steered.
+        hook_point: ``post_attn_norm`` (output of the post-attention RMSNorm) or ``pre_attn_norm``.
+        steer_positions: ``all`` tokens, ``response`` positions only, or ``last_k`` prompt positions
+            plus the response.
+        steer_last_k: How many final prompt positions ``last_k`` steers.
+        init_std: Std of the random initial ``v`` (0 starts from the zero vector).
+        alpha_init: Initial ``alpha``.
+        train_alpha: Whether ``alpha`` trains (else it stays at ``alpha_init``).
+        judge: The judge backend (``LocalJudge`` or ``OpenAICompatibleJudge``).
+        reward_mode: ``loglik`` (persona log-likelihood) or ``contrast`` (persona minus counter-persona).
+        judge_persona: System prompt of the persona whose likelihood is rewarded.
+        counter_persona: System prompt subtracted in ``contrast`` mode.
+        reward_length_normalize: Per-token mean of the judge's log-probs instead of their sum.
+        use_reward_normalization: z-score rewards within each micro-batch (else raw rewards).
+        kl_coef: Weight of the KL(p_steered || p_ref) term.
+        kl_estimator: ``exact`` (full vocabulary, default), ``k3`` (as a loss), or ``reward``
+            (sampled log-ratio folded into the reward).
+        logit_chunk_tokens: Response tokens projected to the vocabulary at a time (bounds memory).
+    """
+
+    trainable_prefixes = ("steering_vector.",)
+
+    def __init__(
+        self,
+        model: str = "embedded:smollm2",
+        dtype: str = "auto",
+        hook_layer: int = 15,
+        hook_point: HookPoint = "post_attn_norm",
+        steer_positions: SteerPositions = "all",
+        steer_last_k: int = 1,
+        init_std: float = 0.0,
+        alpha_init: float = 1.0,
+        train_alpha: bool = True,
+        judge: Judge | None = None,
+        reward_mode: RewardMode = "contrast",
+        judge_persona: str = SYCOPHANT_PERSONA,
+        counter_persona: str = HONEST_PERSONA,
+        reward_length_normalize: bool = True,
+        use_reward_normalization: bool = True,
+        kl_coef: float = 0.2,
+        kl_estimator: KLEstimator = "exact",
+        logit_chunk_tokens: int = 1024,
+        **loop_options,
+    ) -> None:
+        super().__init__(**loop_options)
+        self.save_hyperparameters(ignore=["judge"])
+        self.model_name = model
+        self.policy, self.tokenizer = load_causal_lm(model, dtype)
+        self.tokenizer.padding_side = "left"
+        hidden = self.policy.config.hidden_size
+        self.steering_vector = SteeringVector(hidden, init_std, alpha_init, train_alpha)
+        self.steering = Steering(self.policy, self.steering_vector, hook_layer, hook_point, steer_positions, steer_last_k)
+        self.judge = judge if judge is not None else LocalJudge()
+        if isinstance(self.judge, LocalJudge):
+            self.judge.attach_shared(self.policy, self.tokenizer, self.steering.disabled)
+        self.reward = PersonaReward(self.judge, reward_mode, judge_persona, counter_persona, reward_length_normalize)
+        self.advantages = advantage_fn(use_reward_normalization)
+        if kl_estimator not in KL_PENALTIES:
+            raise UserError(f"unknown kl_estimator '{kl_estimator}': use exact, k3 or reward")
+        self.kl_coef, self.logit_chunk_tokens = kl_coef, logit_chunk_tokens
+        self.kl_penalty = KL_PENALTIES[kl_estimator]  # None: the log-ratio is folded into the reward
+        self.full_kl = exact_kl if kl_estimator == "exact" else None
+
+    # -- the on-policy loop's parts ------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        self.judge.to(self.device)
+
+    def preflight(self) -> None:
+        self.judge.preflight()
+
+    def rollout_micro_batch(self, prompts: PromptBatch, seed: int) -> Rollout:
+        prompts = prompts.to(self.device)
+        return rollout(self.policy, self.tokenizer, prompts.prompts, prompts.input_ids, prompts.attention_mask,
+                       self.sampling, seed, self.steering.prompt_length(prompts.input_ids.shape[1]))
+
+    def submit_rewards(self, rollout: Rollout) -> PendingRewards:
+        return self.reward.submit(rollout.prompts, rollout.responses)
+
+    def reward_hold(self):
+        return self.reward.dispatch.held() if getattr(self, "batch_judge_calls", False) else nullcontext()
+
+    def micro_batch_loss(self, experience: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch, rewards = experience.rollout, experience.rewards
+        mask = batch.response_mask
+        logp, ref_logp, full_kl = self.token_stats(batch, with_grad=True)
+        valid, values = rewards.valid.to(self.device), rewards.values.to(self.device)
+        log_ratio = per_sequence_sum(sampled_log_ratio(logp.detach(), ref_logp), mask)
+        if self.kl_penalty is None:  # kl_estimator == "reward"
+            values = values - self.kl_coef * log_ratio
+            kl_term = torch.zeros((), device=self.device)
+        else:
+            kl_term = masked_mean(per_sequence_sum(self.kl_penalty(logp, ref_logp, full_kl), mask), valid)
+        advantages = self.advantages(values, valid)
+        pg_loss = reinforce_loss(per_sequence_sum(logp, mask), advantages, valid)
+        loss = pg_loss + self.kl_coef * kl_term
+        seq_kl = masked_mean(per_sequence_sum(full_kl.detach(), mask), valid) if full_kl is not None else None
+        seq_kl = seq_kl if seq_kl is not None else masked_mean(log_ratio, valid)  # an estimate without logits
+        tokens_per_seq = mask.sum(-1).float().mean().clamp(min=1)
+        metrics = {
+            "loss/policy": pg_loss.detach(),
+            "loss/kl": kl_term.detach(),
+            "kl/seq": seq_kl,
+            "kl/token": seq_kl / tokens_per_seq,
+            "kl/sampled_log_ratio": masked_mean(log_ratio, valid),
+        }
+        return loss, metrics
+
+    # -- helpers -------------------------------------------------------------------------------
+    def token_stats(self, batch: Rollout, with_grad: bool):
+        """Per-token log-probs (policy and reference) and per-token KL of a rollout's responses."""
+        prompt_len = batch.prompt_ids.shape[1]
+        targets = batch.response_ids[batch.response_mask.bool()]
+        with torch.no_grad(), self.steering.disabled():
+            ref_hidden = response_hidden_states(self.policy, batch)
+        self.steering.record_site_norm = True
+        with torch.set_grad_enabled(with_grad), self.steering.prompt_length(prompt_len):
+            hidden = response_hidden_states(self.policy, batch)
+        self.steering.record_site_norm = False
+        weight = self.policy.get_output_embeddings().weight
+        return response_token_stats(hidden, ref_hidden, targets, weight, self.sampling.temperature,
+                                    self.full_kl, self.logit_chunk_tokens)
+
+    def extra_metrics(self) -> dict[str, float]:
+        v = self.steering_vector
+        delta_norm = float(v.delta().detach().norm())
+        metrics = {"steer/alpha": float(v.alpha.detach()), "steer/v_norm": float(v.v.detach().norm()),
+                   "steer/delta_norm": delta_norm}
+        metrics.update(self.judge.pop_stats().as_metrics())
+        if self.steering.site_norm:
+            metrics["steer/site_norm"] = self.steering.site_norm
+            metrics["steer/relative_norm"] = delta_norm / self.steering.site_norm
+        return metrics
+
+    def export_portable(self, path) -> None:
+        """Write ``{v, alpha}`` + metadata (see :mod:`modules.models.steering_io`)."""
+        hp = {k: v for k, v in self.hparams.items() if isinstance(v, (int, float, str, bool, type(None)))}
+        metadata = {"base_model": self.model_name, "hook_layer": self.steering.layer,
+                    "hook_point": self.steering.hook_point, "steer_positions": self.steering.positions,
+                    "steer_last_k": self.hparams.get("steer_last_k", 1), "step": int(self.global_step),
+                    "config": hp}
+        save_steering_vector(path, self.steering_vector, metadata)
+
+    def intervention_off(self):
+        """The reference policy: the same model with the steering switched off."""
+        return self.steering.disabled()
+
+
+def per_sequence_sum(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scatter [N] per-token values (row-major over ``mask``) back to rows and sum: [B]."""
+    out = torch.zeros(mask.shape, dtype=token_values.dtype, device=token_values.device)
+    out = out.masked_scatter(mask.bool(), token_values)
+    return out.sum(-1)
