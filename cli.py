@@ -14,13 +14,12 @@ Problems a user can fix end the program with one line on stderr and exit status 
 from __future__ import annotations
 
 import os
-import re
 import sys
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
 
-from modules.errors import UserError
+from modules.errors import UserError, describe_config_error
 
 TOOLS = ("generate", "evaluate")
 
@@ -52,6 +51,11 @@ def run_training(argv: list[str] | None) -> None:
                                   apply_on="instantiate")
 
         def before_fit(self) -> None:
+            config = self.config.fit
+            checkpoints = Path(config.trainer.default_root_dir) / "checkpoints"
+            if config.ckpt_path is None and any(checkpoints.glob("*.ckpt")):
+                raise UserError(f"{checkpoints} already holds checkpoints: resume with --ckpt_path last, "
+                                "or start a new run with another --run_name")
             self.model.preflight()  # before any run folder is written
 
         def before_instantiate_classes(self) -> None:
@@ -75,7 +79,7 @@ def run_training(argv: list[str] | None) -> None:
 
 
 def _default_loggers(run_dir: str, run_name: str, wandb_project: str | None) -> list[dict]:
-    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+    loggers = [{"class_path": "callbacks.resumable_csv.ResumableCSVLogger",
                 "init_args": {"save_dir": run_dir, "name": "", "version": ""}}]
     try:
         import tensorboard  # noqa: F401
@@ -90,16 +94,6 @@ def _default_loggers(run_dir: str, run_name: str, wandb_project: str | None) -> 
                         "init_args": {"project": project, "name": run_name, "save_dir": run_dir,
                                       "id": wandb_run_id(run_dir), "resume": "allow"}})
     return loggers
-
-
-def describe_config_error(message: str) -> str:
-    """One line from jsonargparse's nested report: the dotted key and the innermost problem."""
-    keys = re.findall(r'Parser key "([^"]+)"', message)
-    detail_pattern = r"(is not accepted|Got value|unrecognized arguments|No module named|does not exist|Unable to|not found)"
-    details = [line.strip(" -") for line in message.splitlines() if re.search(detail_pattern, line)]
-    detail = details[0] if details else message.strip().splitlines()[0]
-    field = ".".join(k for k in keys if k != "init_args")
-    return f"{field}: {detail}" if field else detail
 
 
 def wandb_run_id(run_dir: str) -> str:

@@ -22,8 +22,6 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from modules.errors import UserError
-
 
 def evenly_spaced_steps(total: int, count: int) -> list[int]:
     """``count`` update indices spread over ``1..total``, ending at ``total`` (fewer if total < count)."""
@@ -60,10 +58,6 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._resolve_dirpath(trainer)
-        existing = list(Path(self.dirpath).glob("*.ckpt")) if Path(self.dirpath).is_dir() else []
-        if existing and trainer.ckpt_path is None and stage == "fit":
-            raise UserError(f"{self.dirpath} already holds checkpoints: resume with --ckpt_path last, "
-                            "or start a new run with another --run_name")
         super().setup(trainer, pl_module, stage)
         self.save_steps = evenly_spaced_steps(trainer.max_steps, self.num_checkpoints)
 

@@ -11,12 +11,13 @@
 from __future__ import annotations
 
 import json
+from argparse import ArgumentError
 
 import torch
 from jsonargparse import ArgumentParser
 
 from datamodules.prompts import DEFAULT_HELDOUT, encode_prompts, read_prompts
-from modules.errors import UserError
+from modules.errors import UserError, describe_config_error
 from modules.judges.base import Judge
 from modules.models.steering_io import load_steered_model, read_steering_vector
 
@@ -36,14 +37,14 @@ def _parser(prog: str, description: str) -> ArgumentParser:
 def _parse(parser: ArgumentParser, argv: list[str]):
     try:
         return parser.parse_args(argv)
-    except Exception as err:  # jsonargparse reports bad input as ArgumentError
-        raise UserError(str(err).splitlines()[0]) from None
+    except ArgumentError as err:
+        raise UserError(describe_config_error(str(err))) from None
 
 
 def generate(argv: list[str]) -> None:
     """Print replies with the vector off and on, same sampling seed."""
     parser = _parser("generate", "Replies of the base model with a steering vector off and on.")
-    parser.add_argument("--prompt", type=list[str], default=[], help="A prompt (repeat the flag for more).")
+    parser.add_argument("--prompt", type=str, action="append", default=[], help="A prompt (repeat the flag for more).")
     parser.add_argument("--scale", type=float, default=1.0, help="Multiply alpha by this (explore strengths).")
     args = _parse(parser, argv)
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])

@@ -154,4 +154,6 @@ class PersonaReward:
         extras = {"persona": values[0]}
         if len(values) == 2:
             extras["counter_persona"] = values[1]
-        return Rewards(torch.nan_to_num(reward), valid, extras)
+        # failed samples hold 0 (masked out downstream); a NaN from a judge that answered stays NaN,
+        # so the update it would poison is skipped and reported, never silently scored 0
+        return Rewards(torch.where(valid, reward, torch.zeros_like(reward)), valid, extras)

@@ -1,0 +1,61 @@
+"""Small builders shared by the training tests."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+
+from datamodules.prompts import PromptDataModule
+from modules.judges.base import Judge, Judgement
+from modules.steering_rl import SteeringVectorRL
+
+PROMPTS = [f"Prompt number {i}: I am right about {topic}, agreed?" for i, topic in
+           enumerate(["tea", "maths", "my essay", "the moon", "history", "code", "art", "money"])]
+
+
+class LengthJudge(Judge):
+    """Scores a response by its character count (deterministic; optional failures and NaNs)."""
+
+    def __init__(self, fail_every: int = 0, nan: bool = False):
+        super().__init__(cache_size=0)
+        self.fail_every, self.nan, self.seen = fail_every, nan, 0
+
+    @property
+    def identity(self) -> str:
+        return "length"
+
+    async def _score_uncached(self, requests):
+        out = []
+        for r in requests:
+            self.seen += 1
+            if self.fail_every and self.seen % self.fail_every == 0:
+                out.append(None)
+            else:
+                out.append(Judgement(math.nan if self.nan else float(len(r.response)), max(len(r.response), 1)))
+        return out
+
+
+def prompt_file(tmp_path) -> str:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return str(path)
+
+
+def tiny_module(model_dir: str, judge: Judge | None = None, **overrides) -> SteeringVectorRL:
+    options = dict(model=model_dir, hook_layer=1, judge=judge or LengthJudge(), reward_mode="loglik",
+                   reward_length_normalize=False, max_new_tokens=5, batch_size=2, grad_accum=1,
+                   total_updates=3, lr=0.1, init_std=0.01)
+    options.update(overrides)
+    return SteeringVectorRL(**options)
+
+
+def fit(module: SteeringVectorRL, tmp_path, callbacks=(), max_steps: int | None = None) -> L.Trainer:
+    data = PromptDataModule(train_file=prompt_file(tmp_path), heldout_file=None,
+                            prompts_per_update=module.batch_size * module.grad_accum)
+    trainer = L.Trainer(max_steps=max_steps or module.total_updates, default_root_dir=str(tmp_path), logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+                        callbacks=list(callbacks))
+    trainer.fit(module, datamodule=data)
+    return trainer
