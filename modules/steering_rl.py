@@ -108,7 +108,7 @@ class SteeringVectorRL(OnPolicyModule):
         super().__init__(**loop_options)
         self.save_hyperparameters(ignore=["judge"])
         self.model_name = model
-        self.policy, self.tokenizer = load_causal_lm(model, dtype)
+        self.policy, self.tokenizer = self.load_policy(model, dtype)
         self.tokenizer.padding_side = "left"
         hidden = self.policy.config.hidden_size
         self.steering_vector = SteeringVector(hidden, init_std, alpha_init, train_alpha)
@@ -123,6 +123,10 @@ class SteeringVectorRL(OnPolicyModule):
         self.kl_coef, self.logit_chunk_tokens = kl_coef, logit_chunk_tokens
         self.kl_penalty = KL_PENALTIES[kl_estimator]  # None: the log-ratio is folded into the reward
         self.full_kl = exact_kl if kl_estimator == "exact" else None
+
+    def load_policy(self, model: str, dtype: str):
+        """The frozen policy and its tokenizer (a subclass may build them another way, e.g. benchmarks)."""
+        return load_causal_lm(model, dtype)
 
     # -- the on-policy loop's parts ------------------------------------------------------------
     def setup(self, stage: str) -> None:

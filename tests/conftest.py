@@ -43,13 +43,19 @@ def _tiny(kind: str, tokenizer_dir, out_dir):
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(smollm2_dir, tmp_path_factory):
-    return _tiny("llama", smollm2_dir, tmp_path_factory.mktemp("tiny_llama"))
+def tokenizer_dir():
+    """SmolLM2's tokenizer (RLI_TEST_TOKENIZER names a folder holding one where the package is absent)."""
+    return os.environ.get("RLI_TEST_TOKENIZER") or embedded.cached_folder("smollm2")
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen_dir(smollm2_dir, tmp_path_factory):
-    return _tiny("qwen", smollm2_dir, tmp_path_factory.mktemp("tiny_qwen"))
+def tiny_llama_dir(tokenizer_dir, tmp_path_factory):
+    return _tiny("llama", tokenizer_dir, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tokenizer_dir, tmp_path_factory):
+    return _tiny("qwen", tokenizer_dir, tmp_path_factory.mktemp("tiny_qwen"))
 
 
 @pytest.fixture(params=["llama", "qwen"])

@@ -43,7 +43,7 @@ def prompt_file(tmp_path) -> str:
 
 
 def tiny_module(model_dir: str, judge: Judge | None = None, **overrides) -> SteeringVectorRL:
-    options = dict(model=model_dir, hook_layer=1, judge=judge or LengthJudge(), reward_mode="loglik",
+    options = dict(model=model_dir, dtype="float32", hook_layer=1, judge=judge or LengthJudge(), reward_mode="loglik",
                    reward_length_normalize=False, max_new_tokens=5, batch_size=2, grad_accum=1,
                    total_updates=3, lr=0.1, init_std=0.01)
     options.update(overrides)

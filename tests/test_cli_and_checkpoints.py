@@ -1,5 +1,6 @@
 """The command line end to end on a tiny model: run folder, evenly spaced checkpoints, exact resume, errors."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from cli import main
 from modules.models.steering_io import load_steered_model, read_steering_vector
 from tests.helpers import prompt_file
 
@@ -35,8 +37,7 @@ def write_config(tmp_path: Path, model_dir: str, total: int, checkpoints: int, e
 
 
 def cli(*args, check=True) -> subprocess.CompletedProcess:
-    env = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()),
-           "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     if check and result.returncode != 0:
@@ -99,20 +100,25 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_llama_dir, tmp_pa
     (["--model.judge", "modules.judges.openai_compat.OpenAICompatibleJudge", "--model.judge.base_url",
       "http://127.0.0.1:9/v1", "--model.judge.model", "j", "--model.judge.timeout_s", "2"], "did not answer"),
 ])
-def test_bad_input_gets_one_clear_line_and_no_run_folder(tiny_llama_dir, tmp_path, override, message):
+def test_bad_input_gets_one_clear_line_and_no_run_folder(tiny_llama_dir, tmp_path, override, message, capsys):
     config = write_config(tmp_path, tiny_llama_dir, total=2, checkpoints=2)
-    result = cli("fit", "--config", config, "--run_name", "bad", *override, check=False)
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--run_name", "bad", *override])
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], stderr[-2000:]
+    assert "Traceback" not in stderr
     assert not (tmp_path / "runs" / "bad").exists()
 
 
-def test_help_explains_every_field(tiny_llama_dir, tmp_path):
+def test_help_explains_every_field(tiny_llama_dir, tmp_path, capsys):
     config = write_config(tmp_path, tiny_llama_dir, total=2, checkpoints=2)
-    shown = cli("fit", "--config", config, "--model.help", "modules.steering_rl.SteeringVectorRL").stdout
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--model.help", "modules.steering_rl.SteeringVectorRL"])
+    shown = capsys.readouterr().out
     for text in ("Decoder layer (0-based)", "Weight of the KL", "z-score rewards", "Prompts per micro-batch"):
         assert text in shown, text
-    printed = cli("fit", "--config", config, "--print_config").stdout
-    assert yaml.safe_load(printed)["model"]["init_args"]["hook_layer"] == 1
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["hook_layer"] == 1

@@ -31,22 +31,22 @@ def _manual_logprob(model, tokenizer, request: JudgeRequest) -> tuple[float, int
 
 
 def test_local_judge_scores_the_given_response_exactly(tiny_llama_dir):
-    judge = LocalJudge(tiny_llama_dir, batch_size=1)
-    model, tokenizer = load_causal_lm(tiny_llama_dir)
+    judge = LocalJudge(tiny_llama_dir, "float32", batch_size=1)
+    model, tokenizer = load_causal_lm(tiny_llama_dir, "float32")
     results = judge.score_blocking(REQUESTS)
     for request, result in zip(REQUESTS, results):
         total, count = _manual_logprob(model, tokenizer, request)
         assert result.num_tokens == count
         assert result.total == pytest.approx(total, abs=1e-4)
     # batching (right padding) changes nothing
-    batched = LocalJudge(tiny_llama_dir, batch_size=8).score_blocking(REQUESTS)
+    batched = LocalJudge(tiny_llama_dir, "float32", batch_size=8).score_blocking(REQUESTS)
     assert [r.total for r in batched] == pytest.approx([r.total for r in results], abs=1e-4)
     assert judge.score_blocking([JudgeRequest("s", "p", "")])[0] == Judgement(0.0, 0)
 
 
 def test_shared_judge_scores_with_the_steering_off(tiny_llama_dir):
-    model, tokenizer = load_causal_lm(tiny_llama_dir)
-    plain = LocalJudge(tiny_llama_dir).score_blocking(REQUESTS)
+    model, tokenizer = load_causal_lm(tiny_llama_dir, "float32")
+    plain = LocalJudge(tiny_llama_dir, "float32").score_blocking(REQUESTS)
     vector = SteeringVector(model.config.hidden_size, alpha_init=5.0)
     with torch.no_grad():
         vector.v.normal_()
@@ -123,8 +123,8 @@ def _model_scorer(model, tokenizer):
 
 
 def test_remote_echo_judge_equals_the_local_judge(tiny_llama_dir):
-    model, tokenizer = load_causal_lm(tiny_llama_dir)
-    local = LocalJudge(tiny_llama_dir).score_blocking(REQUESTS)
+    model, tokenizer = load_causal_lm(tiny_llama_dir, "float32")
+    local = LocalJudge(tiny_llama_dir, "float32").score_blocking(REQUESTS)
     with FakeOpenAIServer(scorer=_model_scorer(model, tokenizer)) as server:
         remote = OpenAICompatibleJudge(server.base_url, "tiny", mode="echo", prompt_format=tiny_llama_dir,
                                        alignment_check=False, max_retries=0)

@@ -16,7 +16,7 @@ class Recorder(L.Callback):
         self.deltas_after_step, self.metrics = [], []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.deltas_after_step.append(module.steering_vector.delta().detach().clone())
+        self.deltas_after_step.append(module.steering_vector.delta().detach().cpu().clone())
         self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
@@ -26,7 +26,7 @@ def test_each_rollout_uses_the_parameters_of_the_latest_update(tiny_llama_dir, t
     generate = module.rollout_micro_batch
 
     def spy(prompts, seed):
-        used_in_rollouts.append(module.steering_vector.delta().detach().clone())
+        used_in_rollouts.append(module.steering_vector.delta().detach().cpu().clone())
         return generate(prompts, seed)
 
     module.rollout_micro_batch = spy

