@@ -22,18 +22,24 @@ from pathlib import Path
 from modules.errors import UserError, describe_config_error
 
 TOOLS = ("generate", "evaluate")
+METHODS = ["modules.steering_rl.SteeringVectorRL"]
+DATAMODULES = ["datamodules.prompts.PromptDataModule"]
 
 
 def _quiet_known_warnings() -> None:
     for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", ".*TPU available.*",
                     ".*`isinstance.*LeafSpec.*", ".*The `srun` command is available.*",
-                    ".*Checkpoint directory .* exists and is not empty.*"):
+                    ".*Checkpoint directory .* exists and is not empty.*", ".*args parameter is intended to run.*",
+                    r".*module\(s\) in eval mode at the start of training.*"):
         warnings.filterwarnings("ignore", pattern)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def run_training(argv: list[str] | None) -> None:
     from lightning.pytorch.cli import LightningCLI
+    from callbacks.progress import UpdateProgressBar
+    import datamodules.prompts  # noqa: F401  (registers the subclasses for --help and short names)
+    import modules.steering_rl  # noqa: F401
     from modules.on_policy import OnPolicyModule
 
     class RLCLI(LightningCLI):
@@ -72,6 +78,7 @@ def run_training(argv: list[str] | None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [UpdateProgressBar()]},
         parser_kwargs={"exit_on_error": False, "fit": {"exit_on_error": False}},
         args=argv,
         auto_configure_optimizers=False,
@@ -109,6 +116,19 @@ def wandb_run_id(run_dir: str) -> str:
     return run_id
 
 
+def print_fit_help(args: list[str]) -> None:
+    """LightningCLI's help, then every field of each method and datamodule (in subclass mode the
+    former only names the classes)."""
+    for extra in ([], *[["--model.help", m] for m in METHODS], *[["--data.help", d] for d in DATAMODULES]):
+        if extra:
+            group = extra[0][2:].split(".")[0]
+            print(f"\n{'=' * 100}\nFields of {extra[1]} (set them as --{group}.<field>):\n")
+        try:
+            run_training(["fit", *extra] if extra else args)
+        except SystemExit:
+            pass
+
+
 def _find_user_error(err: BaseException | None) -> UserError | None:
     """A UserError raised while jsonargparse instantiated a class arrives wrapped: unwrap it."""
     seen = set()
@@ -128,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
             from modules import tools
 
             getattr(tools, args[0])(args[1:])
+        elif args[:1] == ["fit"] and ("--help" in args or "-h" in args):
+            print_fit_help(args)
         else:
             run_training(argv)
     except FileNotFoundError as err:  # e.g. a --ckpt_path that does not exist

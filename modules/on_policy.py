@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
+from tqdm.auto import tqdm
 
 from modules.errors import UserError
 
@@ -121,6 +122,7 @@ class OnPolicyModule(L.LightningModule):
         self.reward_ema: float | None = None
         self._skipped_in_a_row = 0
         self.skipped_updates = 0
+        self.last_experiences: list[Experience] = []
 
     # -- what a method provides ----------------------------------------------------------------
     @abstractmethod
@@ -155,7 +157,10 @@ class OnPolicyModule(L.LightningModule):
     def collect(self, batch: PromptBatch) -> list[Experience]:
         """Rollouts of every micro-batch, each reward submitted as soon as its rollout exists."""
         pending: list[tuple[Rollout, PendingRewards]] = []
-        for k, micro in enumerate(batch.split(self.batch_size)):
+        parts = batch.split(self.batch_size)
+        show = len(parts) > 1 and self._trainer is not None and self.trainer.is_global_zero
+        for k, micro in enumerate(tqdm(parts, desc=f"rollouts of update {batch.index + 1}", leave=False,
+                                       disable=not show)):
             rollout = self.rollout_micro_batch(micro, self.rollout_seed(batch.index, k))
             pending.append((rollout, self.submit_rewards(rollout)))
         start = time.perf_counter()
@@ -202,12 +207,13 @@ class OnPolicyModule(L.LightningModule):
         with self.reward_hold():
             experiences = self.collect(batch)
         metrics = self.update(experiences)
+        self.last_experiences = experiences  # for callbacks (e.g. reward-model features), until the next step
         self.rollout_batches_done += 1
         metrics.update(self._rollout_metrics(experiences))
         metrics.update(self.extra_metrics())
         metrics.update({f"time/{k}": v for k, v in self._timings.items()})
         metrics["time/update_s"] = time.perf_counter() - start
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, sync_dist=True)
         self.log_dict(
             {"reward": metrics["reward/mean"], "kl": metrics.get("kl/token", 0.0), "len": metrics["response/length"]},
             on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=1,

@@ -114,11 +114,39 @@ def test_bad_input_gets_one_clear_line_and_no_run_folder(tiny_llama_dir, tmp_pat
 
 def test_help_explains_every_field(tiny_llama_dir, tmp_path, capsys):
     config = write_config(tmp_path, tiny_llama_dir, total=2, checkpoints=2)
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(config), "--model.help", "modules.steering_rl.SteeringVectorRL"])
+    main(["fit", "--help"])
     shown = capsys.readouterr().out
-    for text in ("Decoder layer (0-based)", "Weight of the KL", "z-score rewards", "Prompts per micro-batch"):
+    for text in ("--trainer.max_epochs", "--model.hook_layer", "Decoder layer (0-based)", "Weight of the KL",
+                 "z-score rewards", "Prompts per micro-batch", "--data.train_file", "--run_name"):
         assert text in shown, text
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(config), "--print_config"])
     assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["hook_layer"] == 1
+
+
+def test_remote_judge_run_keeps_the_key_out_of_every_file(tiny_llama_dir, tmp_path, monkeypatch):
+    """A real run against an OpenAI-compatible judge on 127.0.0.1, logging to W&B offline: the key
+    goes in the request header and nowhere else."""
+    from tests.openai_server import FakeOpenAIServer
+
+    pytest.importorskip("wandb")
+    secret = "sk-test-SECRET-4242"
+    monkeypatch.setenv("RLI_TEST_JUDGE_KEY", secret)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with FakeOpenAIServer() as server:
+        judge = {"class_path": "modules.judges.openai_compat.OpenAICompatibleJudge",
+                 "init_args": {"base_url": server.base_url, "model": "toy", "mode": "echo",
+                               "api_key_env": "RLI_TEST_JUDGE_KEY", "max_retries": 1}}
+        config = write_config(tmp_path, tiny_llama_dir, total=2, checkpoints=2, judge=judge)
+        env_run = subprocess.run([sys.executable, "cli.py", "fit", "--config", str(config), "--run_name", "remote",
+                                  "--wandb_project", "rl-insides-test"], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert env_run.returncode == 0, env_run.stderr[-3000:]
+        sent = server.posts("/completions")
+    assert sent and all(r.headers.get("authorization") == f"Bearer {secret}" for r in sent)
+    run = tmp_path / "runs" / "remote"
+    assert list((run / "wandb").glob("offline-run-*")), "W&B offline run missing"
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    assert secret not in env_run.stdout + env_run.stderr
