@@ -37,6 +37,8 @@ def _quiet_known_warnings() -> None:
 
 def run_training(argv: list[str] | None) -> None:
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.callbacks import ProgressBar
+
     from callbacks.progress import UpdateProgressBar
     import datamodules.prompts  # noqa: F401  (registers the subclasses for --help and short names)
     import modules.steering_rl  # noqa: F401
@@ -55,6 +57,13 @@ def run_training(argv: list[str] | None) -> None:
             parser.link_arguments(("model.init_args.batch_size", "model.init_args.grad_accum"),
                                   "data.init_args.prompts_per_update", compute_fn=lambda b, a: b * a,
                                   apply_on="instantiate")
+
+        def _instantiate_trainer(self, config: dict, callbacks: list):
+            configured = list(config.get("callbacks") or [])
+            if config.get("enable_progress_bar") is not False and not any(
+                    isinstance(c, ProgressBar) for c in configured + callbacks):
+                callbacks = [*callbacks, UpdateProgressBar()]
+            return super()._instantiate_trainer(config, callbacks)
 
         def before_fit(self) -> None:
             config = self.config.fit
@@ -78,7 +87,6 @@ def run_training(argv: list[str] | None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [UpdateProgressBar()]},
         parser_kwargs={"exit_on_error": False, "fit": {"exit_on_error": False}},
         args=argv,
         auto_configure_optimizers=False,
