@@ -17,6 +17,9 @@ that take several optimizer steps per rollout batch (PPO epochs over minibatches
 ``update``; ``global_step`` then counts each ``opt.step()``, and prompts are scheduled by
 ``rollout_batches_done``, not by ``global_step``.
 
+An update whose loss or gradient norm is NaN/inf is skipped (no optimizer step, a warning, the
+``skipped_updates`` metric); ``max_skipped_updates`` in a row stop the run.
+
 What a checkpoint holds: only the trainable state (the frozen base model is rebuilt from its id),
 the optimizer, the loop counters, the running reward EMA and the RNG states, so that ``fit
 --ckpt_path last`` continues exactly where an uninterrupted run would be.
@@ -28,6 +31,7 @@ import logging
 import math
 import time
 from abc import abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import lightning as L
@@ -144,10 +148,8 @@ class OnPolicyModule(L.LightningModule):
         """Method-specific metrics logged once per update (e.g. alpha and ||v||)."""
         return {}
 
-    def reward_hold(self):
+    def reward_hold(self) -> AbstractContextManager:
         """Context inside which reward submissions of one update are batched (see JudgeBatching)."""
-        from contextlib import nullcontext
-
         return nullcontext()
 
     # -- the cycle -----------------------------------------------------------------------------
