@@ -8,7 +8,9 @@
 
 Each is summed over response tokens or averaged per token (``length_normalize``). With a rating
 judge the "log-likelihood" is the persona's rating of the response, and the per-token mean is the
-rating itself.
+rating itself. The judge scores the reply's text, not its end-of-turn token: an empty reply has
+log-likelihood 0, the highest a summed ``loglik`` reward can give (``contrast`` gives it 0, neutral),
+so watch ``response/length`` with summed ``loglik``.
 
 Judge work is sent through :class:`RewardDispatch`: ``submit`` returns at once, so remote judge
 calls run while the next micro-batch is generated. While an update is ``held`` (the
