@@ -43,7 +43,7 @@ def read_prompts(path: str, jsonl_field: str = "prompt") -> list[str]:
     """
     file = resolve_path(path)
     if not file.is_file():
-        raise UserError(f"prompt file '{path}' does not exist: pass --data.train_file PATH (one prompt per line, or JSONL)")
+        raise UserError(f"prompt file '{path}' does not exist: give a .txt (one prompt per line) or .jsonl file")
     text = file.read_text(encoding="utf-8")
     if file.suffix == ".jsonl":
         prompts = []

@@ -76,7 +76,8 @@ def evaluate(argv: list[str]) -> None:
     parser.add_argument("--output", type=str | None, default=None, help="Also write the report as JSON here.")
     args = _parse(parser, argv)
     init = parser.instantiate_classes(args)
-    meta = read_steering_vector(args.vector)["metadata"]
+    payload = read_steering_vector(args.vector)
+    meta = payload["metadata"]
     config = dict(meta.get("config", {}))
     from modules.evaluation import evaluate_intervention
     from modules.steering_rl import SteeringVectorRL
@@ -88,7 +89,6 @@ def evaluate(argv: list[str]) -> None:
         options["reward_mode"] = args.reward_mode
     module = SteeringVectorRL(model=args.model or meta["base_model"], dtype=args.dtype, judge=init.judge,
                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, **options)
-    payload = read_steering_vector(args.vector)
     with torch.no_grad():
         module.steering_vector.v.copy_(payload["v"])
         module.steering_vector.alpha.copy_(payload["alpha"])
