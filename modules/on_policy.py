@@ -127,6 +127,7 @@ class OnPolicyModule(L.LightningModule):
         self._skipped_in_a_row = 0
         self.skipped_updates = 0
         self.last_experiences: list[Experience] = []
+        self.batch_judge_calls = False  # set by the JudgeBatching callback
 
     # -- what a method provides ----------------------------------------------------------------
     @abstractmethod

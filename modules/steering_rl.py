@@ -144,7 +144,7 @@ class SteeringVectorRL(OnPolicyModule):
         return self.reward.submit(rollout.prompts, rollout.responses)
 
     def reward_hold(self):
-        return self.reward.dispatch.held() if getattr(self, "batch_judge_calls", False) else nullcontext()
+        return self.reward.dispatch.held() if self.batch_judge_calls else nullcontext()
 
     def micro_batch_loss(self, experience: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch, rewards = experience.rollout, experience.rewards
@@ -160,8 +160,8 @@ class SteeringVectorRL(OnPolicyModule):
         advantages = self.advantages(values, valid)
         pg_loss = reinforce_loss(per_sequence_sum(logp, mask), advantages, valid)
         loss = pg_loss + self.kl_coef * kl_term
-        seq_kl = masked_mean(per_sequence_sum(full_kl.detach(), mask), valid) if full_kl is not None else None
-        seq_kl = seq_kl if seq_kl is not None else masked_mean(log_ratio, valid)  # an estimate without logits
+        # the exact KL when the logits were compared, else the sampled log-ratio's estimate of it
+        seq_kl = kl_term.detach() if full_kl is not None else masked_mean(log_ratio, valid)
         tokens_per_seq = mask.sum(-1).float().mean().clamp(min=1)
         metrics = {
             "loss/policy": pg_loss.detach(),
@@ -179,7 +179,7 @@ class SteeringVectorRL(OnPolicyModule):
         targets = batch.response_ids[batch.response_mask.bool()]
         with torch.no_grad(), self.steering.disabled():
             ref_hidden = response_hidden_states(self.policy, batch)
-        self.steering.record_site_norm = True
+        self.steering.record_site_norm = self.steering.site_norm is None  # once per update: a device sync
         with torch.set_grad_enabled(with_grad), self.steering.prompt_length(prompt_len):
             hidden = response_hidden_states(self.policy, batch)
         self.steering.record_site_norm = False
@@ -196,6 +196,7 @@ class SteeringVectorRL(OnPolicyModule):
         if self.steering.site_norm:
             metrics["steer/site_norm"] = self.steering.site_norm
             metrics["steer/relative_norm"] = delta_norm / self.steering.site_norm
+        self.steering.site_norm = None  # measured again in the next update's first loss pass
         return metrics
 
     def export_portable(self, path) -> None:

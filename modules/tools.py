@@ -89,9 +89,7 @@ def evaluate(argv: list[str]) -> None:
         options["reward_mode"] = args.reward_mode
     module = SteeringVectorRL(model=args.model or meta["base_model"], dtype=args.dtype, judge=init.judge,
                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, **options)
-    with torch.no_grad():
-        module.steering_vector.v.copy_(payload["v"])
-        module.steering_vector.alpha.copy_(payload["alpha"])
+    module.steering_vector.load_(payload["v"], payload["alpha"])
     if torch.cuda.is_available():
         module.to("cuda")
         module.judge.to("cuda")

@@ -45,6 +45,13 @@ class SteeringVector(nn.Module):
         self.v = nn.Parameter(torch.randn(hidden_size) * init_std if init_std > 0 else torch.zeros(hidden_size))
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init)), requires_grad=train_alpha)
 
+    @torch.no_grad()
+    def load_(self, v: torch.Tensor, alpha: torch.Tensor) -> "SteeringVector":
+        """Copy saved values in (e.g. from a portable vector file)."""
+        self.v.copy_(v)
+        self.alpha.copy_(alpha)
+        return self
+
     def delta(self) -> torch.Tensor:
         """The vector that is added to the hidden state: ``alpha * v``."""
         return self.alpha * self.v

@@ -57,10 +57,7 @@ def load_steered_model(path: str | Path, model: str | None = None, dtype: str = 
     lm, tokenizer = load_causal_lm(model or meta["base_model"], dtype, device)
     if lm.config.hidden_size != payload["v"].numel():
         raise UserError(f"the vector has {payload['v'].numel()} dims but the model's hidden size is {lm.config.hidden_size}")
-    vector = SteeringVector(payload["v"].numel())
-    with torch.no_grad():
-        vector.v.copy_(payload["v"])
-        vector.alpha.copy_(payload["alpha"])
+    vector = SteeringVector(payload["v"].numel()).load_(payload["v"], payload["alpha"])
     vector.requires_grad_(False)
     vector.to(lm.device)
     steering = Steering(lm, vector, meta["hook_layer"], meta["hook_point"], meta.get("steer_positions", "all"),
