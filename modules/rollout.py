@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ContextManager
 
 import torch
@@ -44,6 +44,8 @@ class Rollout:
     """Decoded responses (special tokens removed), what the judge scores."""
     seconds: float = 0.0
     """Wall time of generation."""
+    records: list[dict] = field(default_factory=list)
+    """Per-row data the prompts came with (a JSONL row: reference answers, baseline replies, ...)."""
 
     @property
     def lengths(self) -> torch.Tensor:
