@@ -102,7 +102,8 @@ def _default_loggers(run_dir: str, run_name: str, wandb_project: str | None) -> 
         loggers.append({"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                         "init_args": {"save_dir": run_dir, "name": "", "version": "tensorboard"}})
     except ImportError:
-        pass
+        print("note: tensorboard is not installed, so no tensorboard/ logs are written "
+              "(pip install tensorboard; metrics.csv has every metric)", file=sys.stderr)
     project = wandb_project or os.environ.get("WANDB_PROJECT")
     if project:
         loggers.append({"class_path": "lightning.pytorch.loggers.WandbLogger",
