@@ -15,7 +15,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 _BARS = "▁▂▃▄▅▆▇█"
-DEFAULT_METRICS = ("reward/mean", "reward/ema", "kl/token", "response/length", "steer/delta_norm", "judge/failed")
+DEFAULT_METRICS = ("reward/mean", "reward/ema", "kl/token", "response/length", "judge/failed")
 
 
 def sparkline(values: list[float], width: int = 60) -> str:
@@ -38,14 +38,21 @@ class TrainingCurves(L.Callback):
         png: Also write ``curves.png`` into the run folder (needs matplotlib).
     """
 
-    def __init__(self, metrics: list[str] = list(DEFAULT_METRICS), png: bool = True):
-        self.metrics, self.png = list(metrics), png
+    def __init__(self, metrics: list[str] | None = None, png: bool = True):
+        self.metrics = list(metrics) if metrics is not None else []
+        self.png = png
         self.history: dict[str, list[float]] = {m: [] for m in self.metrics}
         self.steps: list[int] = []
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.metrics:  # the method's own choice, else the common ones
+            self.metrics = list(getattr(pl_module, "curve_metrics", DEFAULT_METRICS))
+        for name in self.metrics:
+            self.history.setdefault(name, [])
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         logged = trainer.callback_metrics
-        self.steps.append(trainer.global_step)
+        self.steps.append(pl_module.rollout_batches_done)
         for name in self.metrics:
             value = logged.get(name)
             self.history[name].append(float(value) if value is not None else float("nan"))
@@ -54,7 +61,7 @@ class TrainingCurves(L.Callback):
         return {"history": self.history, "steps": self.steps}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.history = {m: list(state_dict.get("history", {}).get(m, [])) for m in self.metrics}
+        self.history = {m: list(v) for m, v in state_dict.get("history", {}).items()}
         self.steps = list(state_dict.get("steps", []))
 
     @rank_zero_only
@@ -62,7 +69,8 @@ class TrainingCurves(L.Callback):
         if not self.steps:
             return
         print(f"\ntraining curves over {len(self.steps)} updates (first → last):")
-        for name, values in self.history.items():
+        for name in self.metrics:
+            values = self.history.get(name, [])
             finite = [v for v in values if math.isfinite(v)]
             if finite:
                 print(f"  {name:<18} {values[0]:>9.4f} {sparkline(values)} {values[-1]:.4f}")
@@ -76,8 +84,9 @@ class TrainingCurves(L.Callback):
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
+            print("  curves.png skipped: matplotlib is not installed (pip install matplotlib)", flush=True)
             return
-        shown = [m for m in self.metrics if any(math.isfinite(v) for v in self.history[m])]
+        shown = [m for m in self.metrics if any(math.isfinite(v) for v in self.history.get(m, []))]
         if not shown:
             return
         fig, axes = plt.subplots(len(shown), 1, figsize=(7, 2.0 * len(shown)), sharex=True)
