@@ -22,7 +22,7 @@ from pathlib import Path
 from modules.errors import UserError, describe_config_error
 
 TOOLS = ("generate", "evaluate")
-METHODS = ["modules.steering_rl.SteeringVectorRL"]
+METHODS = ["modules.steering_rl.SteeringVectorRL", "modules.ppo.PPO"]
 DATAMODULES = ["datamodules.prompts.PromptDataModule"]
 
 
@@ -41,6 +41,7 @@ def run_training(argv: list[str] | None) -> None:
 
     from callbacks.progress import UpdateProgressBar
     import datamodules.prompts  # noqa: F401  (registers the subclasses for --help and short names)
+    import modules.ppo  # noqa: F401
     import modules.steering_rl  # noqa: F401
     from modules.on_policy import OnPolicyModule
 
@@ -50,13 +51,13 @@ def run_training(argv: list[str] | None) -> None:
             parser.add_argument("--output_dir", type=str, default="steering_runs", help="Parent folder of runs.")
             parser.add_argument("--wandb_project", type=str | None, default=None,
                                 help="Log to this W&B project too (WANDB_MODE=offline works without a key).")
+            # the module stops training after total_updates rollout batches (an update may take many
+            # optimizer steps, so max_steps does not count updates)
             parser.set_defaults({"trainer.use_distributed_sampler": False,  # prompts are scheduled per rank
                                  "trainer.log_every_n_steps": 1, "trainer.limit_val_batches": 0,
-                                 "trainer.num_sanity_val_steps": 0})
-            parser.link_arguments("model.init_args.total_updates", "trainer.max_steps", apply_on="instantiate")
-            parser.link_arguments(("model.init_args.batch_size", "model.init_args.grad_accum"),
-                                  "data.init_args.prompts_per_update", compute_fn=lambda b, a: b * a,
-                                  apply_on="instantiate")
+                                 "trainer.num_sanity_val_steps": 0, "trainer.max_epochs": -1})
+            parser.link_arguments("model", "data.init_args.prompts_per_update",
+                                  compute_fn=lambda model: model.prompts_per_update, apply_on="instantiate")
 
         def _instantiate_trainer(self, config: dict, callbacks: list):
             configured = list(config.get("callbacks") or [])
@@ -71,7 +72,7 @@ def run_training(argv: list[str] | None) -> None:
             if config.ckpt_path is None and any(checkpoints.glob("*.ckpt")):
                 raise UserError(f"{checkpoints} already holds checkpoints: resume with --ckpt_path last, "
                                 "or start a new run with another --run_name")
-            self.model.preflight()  # before any run folder is written
+            self.model.preflight(self.datamodule)  # before any run folder is written
 
         def before_instantiate_classes(self) -> None:
             config = self.config.get(self.subcommand, self.config)

@@ -1,7 +1,8 @@
-"""Held-out evaluation during and after training (vector on vs off, same prompts and seeds).
+"""Held-out evaluation during and after training (intervention on vs off, same prompts and seeds).
 
 Prints the report (rewards with standard errors, KL, lengths, a few replies side by side), logs
-``heldout/*`` metrics, and writes ``heldout_step{N}.json`` into the run folder.
+``heldout/*`` metrics, and writes ``heldout_update{N}.json`` into the run folder (N counts updates,
+i.e. rollout batches).
 """
 
 from __future__ import annotations
@@ -33,37 +34,36 @@ class HeldOutEvaluation(L.Callback):
         self.batch_size, self.show_examples, self.seed = batch_size, show_examples, seed
         self.last_report = None
 
-    def _prompts(self, trainer: L.Trainer) -> list[str]:
-        prompts = getattr(trainer.datamodule, "heldout_prompts", []) if trainer.datamodule else []
-        return prompts[: self.max_prompts] if self.max_prompts else prompts
+    def _records(self, trainer: L.Trainer) -> list[dict]:
+        records = getattr(trainer.datamodule, "heldout_records", []) if trainer.datamodule else []
+        return records[: self.max_prompts] if self.max_prompts else records
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_updates and step % self.every_n_updates == 0 and step < trainer.max_steps:
+        update = pl_module.rollout_batches_done
+        if self.every_n_updates and update % self.every_n_updates == 0 and update < pl_module.total_updates:
             self._run(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._run(trainer, pl_module)
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        prompts = self._prompts(trainer)
-        if not prompts:
+        records = self._records(trainer)
+        if not records:
             return
         report = evaluate_intervention(
-            pl_module, prompts, self.samples_per_prompt, self.seed, self.batch_size,
+            pl_module, [r["prompt"] for r in records], self.samples_per_prompt, self.seed, self.batch_size,
             getattr(trainer.datamodule, "system_prompt", None), self.show_examples,
-            progress=trainer.is_global_zero,
+            progress=trainer.is_global_zero, records=records,
         )
         self.last_report = report
-        self._publish(trainer, report)
+        self._publish(trainer, pl_module.rollout_batches_done, report)
 
     @rank_zero_only
-    def _publish(self, trainer: L.Trainer, report) -> None:
-        step = trainer.global_step
-        print(f"\n[step {step}] " + report.format(), flush=True)
+    def _publish(self, trainer: L.Trainer, update: int, report) -> None:
+        print(f"\n[update {update}] " + report.format(), flush=True)
         metrics = {f"heldout/{k}": v for k, v in report.as_dict().items() if isinstance(v, (int, float))}
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        out = Path(trainer.default_root_dir) / f"heldout_step{step:06d}.json"
+            logger.log_metrics(metrics, step=max(update - 1, 0))  # the row of the update it follows
+        out = Path(trainer.default_root_dir) / f"heldout_update{update:06d}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report.as_dict(), indent=2))

@@ -35,38 +35,71 @@ def resolve_path(path: str) -> Path:
     return PROJECT_ROOT / given if (PROJECT_ROOT / given).exists() else given
 
 
-def read_prompts(path: str, jsonl_field: str = "prompt") -> list[str]:
-    """Prompts from a .txt file (one per line, blank lines skipped) or a .jsonl file.
+def read_records(path: str, jsonl_field: str = "prompt") -> list[dict]:
+    """Data rows from a .txt file (one prompt per line, blank lines skipped), a .jsonl file (one JSON
+    object per line) or a .json file (a list of objects).
 
-    A JSONL line is an object whose ``jsonl_field`` holds the prompt, or a ``messages`` list whose
-    last user message is taken.
+    Every row gets a ``prompt``: from a JSONL object's ``jsonl_field``, or the last user message of
+    its ``messages`` list. The other fields of a JSONL row are kept (reference answers, baseline
+    replies, precomputed rewards) and reach the reward through the rollout's ``records``.
     """
     file = resolve_path(path)
     if not file.is_file():
         raise UserError(f"prompt file '{path}' does not exist: give a .txt (one prompt per line) or .jsonl file")
-    text = file.read_text(encoding="utf-8")
-    if file.suffix == ".jsonl":
-        prompts = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"'{path}' is not UTF-8 text (byte {err.start} cannot be decoded): give a .txt or .jsonl "
+                        "file of prompts") from None
+    if file.suffix in (".jsonl", ".json"):
+        rows = _json_rows(path, text, file.suffix)
+        records = []
+        for number, row in rows:
             try:
-                row = json.loads(line)
-                prompts.append(row[jsonl_field] if jsonl_field in row else
-                               [m["content"] for m in row["messages"] if m["role"] == "user"][-1])
+                prompt = row[jsonl_field] if jsonl_field in row else \
+                    [m["content"] for m in row["messages"] if m["role"] == "user"][-1]
+                if not isinstance(prompt, str):
+                    raise TypeError
             except (ValueError, KeyError, IndexError, TypeError):
                 raise UserError(f"{path}:{number}: expected a JSON object with '{jsonl_field}' or 'messages'") from None
+            records.append({**row, "prompt": prompt})
     else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
+        records = [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
+    if not records:
         raise UserError(f"prompt file '{path}' holds no prompts")
-    return prompts
+    return records
+
+
+def _json_rows(path: str, text: str, suffix: str) -> list[tuple[int, object]]:
+    """(row number, parsed row) of a JSONL file (one object per line) or a JSON file (a list)."""
+    if suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except ValueError as err:
+            raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); a .json file holds a list "
+                            "of objects") from None
+        if not isinstance(rows, list):
+            raise UserError(f"{path}: a .json data file must hold a list of objects")
+        return list(enumerate(rows, 1))
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((number, json.loads(line)))
+            except ValueError:
+                raise UserError(f"{path}:{number}: not a JSON object") from None
+    return out
+
+
+def read_prompts(path: str, jsonl_field: str = "prompt") -> list[str]:
+    """The prompts of :func:`read_records`."""
+    return [r["prompt"] for r in read_records(path, jsonl_field)]
 
 
 class PromptSchedule(Dataset):
-    """Item ``i`` = the prompts of rollout batch ``i`` (seeded permutations, one per pass)."""
+    """Item ``i`` = the data rows of rollout batch ``i`` (seeded permutations, one per pass)."""
 
-    def __init__(self, prompts: list[str], per_batch: int, seed: int):
+    def __init__(self, prompts: list, per_batch: int, seed: int):
         self.prompts, self.per_batch, self.seed = prompts, per_batch, seed
         self._perms: dict[int, list[int]] = {}
 
@@ -79,7 +112,7 @@ class PromptSchedule(Dataset):
     def __len__(self) -> int:
         return 2**62
 
-    def __getitem__(self, index: int) -> tuple[int, list[str]]:
+    def __getitem__(self, index: int) -> tuple[int, list]:
         n = len(self.prompts)
         picks = []
         for position in range(index * self.per_batch, (index + 1) * self.per_batch):
@@ -108,9 +141,12 @@ class PromptDataModule(L.LightningDataModule):
         train_file: Training prompts: .txt (one per line) or .jsonl. The default is the shipped
             sycophancy set (240 prompts where a user asks to be agreed with).
         heldout_file: Held-out prompts for evaluation (never trained on); same formats.
+            JSONL rows may carry more fields (reference answers, baseline replies, rewards) that
+            rewards read.
         jsonl_field: Field of a JSONL row holding the prompt (else the last user message of ``messages``).
         system_prompt: Optional system message for the policy's chat template (None: the template's default).
-        prompts_per_update: Prompts per rollout batch; the CLI links it to batch_size * grad_accum.
+        prompts_per_update: Prompts per rollout batch; the CLI sets it from the model
+            (batch_size * grad_accum / samples_per_prompt).
         shuffle_seed: Seed of the prompt order.
         max_prompt_tokens: Longer prompts are cut from the left to this many tokens.
     """
@@ -126,8 +162,12 @@ class PromptDataModule(L.LightningDataModule):
         max_prompt_tokens: int = 512,
     ) -> None:
         super().__init__()
-        self.train_prompts = read_prompts(train_file, jsonl_field)
-        self.heldout_prompts = read_prompts(heldout_file, jsonl_field) if heldout_file else []
+        if prompts_per_update < 1:
+            raise UserError(f"prompts_per_update must be at least 1, got {prompts_per_update}")
+        self.train_records = read_records(train_file, jsonl_field)
+        self.heldout_records = read_records(heldout_file, jsonl_field) if heldout_file else []
+        self.train_prompts = [r["prompt"] for r in self.train_records]
+        self.heldout_prompts = [r["prompt"] for r in self.heldout_records]
         self.system_prompt, self.prompts_per_update = system_prompt, prompts_per_update
         self.shuffle_seed, self.max_prompt_tokens = shuffle_seed, max_prompt_tokens
         self.tokenizer = None
@@ -138,14 +178,17 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         module = self.trainer.lightning_module
-        schedule = PromptSchedule(self.train_prompts, self.prompts_per_update, self.shuffle_seed)
+        schedule = PromptSchedule(self.train_records, self.prompts_per_update, self.shuffle_seed)
         sampler = StartAt(lambda: module.rollout_batches_done, self.trainer.global_rank, self.trainer.world_size)
         return DataLoader(schedule, batch_size=None, sampler=sampler, collate_fn=self.collate)
 
-    def collate(self, item: tuple[int, list[str]]) -> PromptBatch:
-        index, prompts = item
+    def collate(self, item: tuple[int, list[dict]]) -> PromptBatch:
+        index, records = item
         rollout_index = index // self.trainer.world_size if self.trainer else index
-        return encode_prompts(self.tokenizer, prompts, self.system_prompt, self.max_prompt_tokens, rollout_index)
+        batch = encode_prompts(self.tokenizer, [r["prompt"] for r in records], self.system_prompt,
+                               self.max_prompt_tokens, rollout_index)
+        batch.records = list(records)
+        return batch
 
 
 def encode_prompts(tokenizer, prompts: list[str], system_prompt: str | None = None, max_tokens: int = 512,

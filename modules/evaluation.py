@@ -1,7 +1,8 @@
 """Held-out evaluation of an intervention: the same prompts and sampling seeds with it on and off.
 
 For every held-out prompt and sample index the policy answers twice with one sampling seed, once
-with the intervention (steering vector) on and once off. Both replies are scored by the same
+with the intervention on (the trained steering vector or adapter) and once with the reference
+policy (vector off, adapter off, or the starting adapter). Both replies are scored by the same
 reward; the "on" replies also get the exact KL(p_on || p_off) over their tokens. The report gives
 each arm's mean reward with its standard error, the difference with a Welch and a paired
 standard error, the mean KL, reply lengths, and a few replies side by side.
@@ -26,14 +27,15 @@ from modules.rollout import Rollout
 
 
 class Intervenable(Protocol):
-    """What evaluation needs from a training module (SteeringVectorRL provides it)."""
+    """What evaluation needs from a training module (every OnPolicyModule provides it)."""
 
     tokenizer: object
     reward: object
+    arm_names: tuple[str, str]
 
     def rollout_micro_batch(self, prompts: PromptBatch, seed: int) -> Rollout: ...
-    def intervention_off(self): ...
-    def token_stats(self, batch: Rollout, with_grad: bool): ...
+    def reference(self): ...
+    def heldout_kl(self, batch: Rollout) -> torch.Tensor: ...
 
 
 @dataclass
@@ -69,28 +71,41 @@ class HeldOutReport:
     length_on: float
     length_off: float
     judge_failed: int
+    arm_names: tuple[str, str] = ("vector off", "vector on")
+    """How the reference arm and the trained arm are called in the report."""
     examples: list[dict] = field(default_factory=list)
 
     @property
     def z(self) -> float:
-        """Difference in Welch standard errors."""
-        return self.difference / self.difference_se if self.difference_se > 0 else float("inf")
+        """Difference in Welch standard errors (nan without a standard error)."""
+        return self.difference / self.difference_se if self.difference_se > 0 else float("nan")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def format(self, width: int = 100) -> str:
+        off_name, on_name = self.arm_names
+        label = max(len(off_name), len(on_name)) + len("reward, ")
+        total = self.samples_per_arm + self.judge_failed
+        if self.samples_per_arm == 0:
+            return (f"held-out evaluation: no judge answers: the reward failed for all {total} samples, so there "
+                    "is nothing to compare (check the judge; judge/failed counts failures)")
+        if self.difference_se > 0:
+            difference = (f"{self.difference:+.4f} ± {self.difference_se:.4f} (Welch; {self.z:+.1f} SE),"
+                          f" paired SE {self.paired_se:.4f}")
+        else:
+            reason = "one sample" if self.samples_per_arm < 2 else "identical rewards in both arms"
+            difference = f"{self.difference:+.4f} (too few samples for a standard error: {reason})"
         lines = [
             f"held-out evaluation: {self.samples_per_arm} samples per arm (same prompts and sampling seeds)",
-            f"  reward, vector off : {self.reward_off:+.4f} ± {self.reward_off_se:.4f}",
-            f"  reward, vector on  : {self.reward_on:+.4f} ± {self.reward_on_se:.4f}",
-            f"  on − off           : {self.difference:+.4f} ± {self.difference_se:.4f} (Welch; {self.z:+.1f} SE),"
-            f" paired SE {self.paired_se:.4f}",
-            f"  KL(on || off)      : {self.kl_per_token:.4f} per token, {self.kl_per_reply:.3f} per reply",
-            f"  reply length       : {self.length_on:.1f} tokens on, {self.length_off:.1f} off",
+            f"  {'reward, ' + off_name:<{label}} : {self.reward_off:+.4f} ± {self.reward_off_se:.4f}",
+            f"  {'reward, ' + on_name:<{label}} : {self.reward_on:+.4f} ± {self.reward_on_se:.4f}",
+            f"  {'on − off':<{label}} : {difference}",
+            f"  {'KL(on || off)':<{label}} : {self.kl_per_token:.4f} per token, {self.kl_per_reply:.3f} per reply",
+            f"  {'reply length':<{label}} : {self.length_on:.1f} tokens on, {self.length_off:.1f} off",
         ]
         if self.judge_failed:
-            lines.append(f"  judge failures     : {self.judge_failed} samples left out")
+            lines.append(f"  {'judge failures':<{label}} : {self.judge_failed} of {total} samples left out")
         for i, ex in enumerate(self.examples, 1):
             lines.append(f"--- example {i}: {ex['prompt']}")
             for arm in ("off", "on"):
@@ -116,23 +131,30 @@ def evaluate_intervention(
     system_prompt: str | None = None,
     show_examples: int = 3,
     progress: bool = True,
+    records: list[dict] | None = None,
 ) -> HeldOutReport:
-    """Compare the policy with its intervention on and off on ``prompts`` (see the module doc)."""
+    """Compare the policy with its intervention on and off on ``prompts`` (see the module doc).
+
+    ``records`` (one data row per prompt) reach the reward, for rewards that read fields of the data.
+    """
     on, off = Arm(), Arm()
     kl_sum = kl_tokens = 0.0
     diffs: list[float] = []
     examples: list[dict] = []
-    jobs = [(s, prompts[i : i + batch_size]) for s in range(samples_per_prompt) for i in range(0, len(prompts), batch_size)]
-    for job, (sample, chunk) in enumerate(tqdm(jobs, desc="held-out", disable=not progress, leave=False)):
+    records = list(records) if records is not None else [{"prompt": p} for p in prompts]
+    starts = range(0, len(prompts), batch_size)
+    jobs = [(prompts[i : i + batch_size], records[i : i + batch_size]) for _ in range(samples_per_prompt) for i in starts]
+    for job, (chunk, rows) in enumerate(tqdm(jobs, desc="held-out", disable=not progress, leave=False)):
         batch = encode_prompts(module.tokenizer, chunk, system_prompt)
         run_seed = (seed * 7_919 + job * 104_729) % (2**31 - 1)
         rollout_on = module.rollout_micro_batch(batch, run_seed)
-        with module.intervention_off():
+        with module.reference():
             rollout_off = module.rollout_micro_batch(batch, run_seed)
-        pending = [module.reward.submit(r.prompts, r.responses) for r in (rollout_on, rollout_off)]
-        _, _, kl = module.token_stats(rollout_on, with_grad=False)
-        if kl is not None:
-            kl_sum, kl_tokens = kl_sum + float(kl.sum()), kl_tokens + kl.numel()
+        for rollout in (rollout_on, rollout_off):
+            rollout.records = list(rows)
+        pending = [module.reward.submit(r) for r in (rollout_on, rollout_off)]
+        kl = module.heldout_kl(rollout_on)
+        kl_sum, kl_tokens = kl_sum + float(kl.sum()), kl_tokens + kl.numel()
         rewards_on, rewards_off = (p.result() for p in pending)
         for i in range(len(chunk)):
             if not (rewards_on.valid[i] and rewards_off.valid[i]):
@@ -154,5 +176,6 @@ def evaluate_intervention(
         paired_se=_std(diffs) / math.sqrt(max(n, 1)),
         kl_per_token=kl_sum / max(kl_tokens, 1), kl_per_reply=kl_sum / max(n + on.failed, 1),
         length_on=sum(on.lengths) / max(n, 1), length_off=sum(off.lengths) / max(n, 1),
-        judge_failed=on.failed, examples=examples,
+        judge_failed=on.failed, arm_names=tuple(getattr(module, "arm_names", ("vector off", "vector on"))),
+        examples=examples,
     )

@@ -1,28 +1,32 @@
 """The on-policy cycle every method shares, as a LightningModule with manual optimization.
 
-One ``training_step`` receives the prompts of one rollout batch (``batch_size * grad_accum``) and
-runs:
+One ``training_step`` receives the prompts of one rollout batch and runs four stages:
 
-    collect:  for each micro-batch of ``batch_size`` prompts
-                  rollout  (sample with the *current* parameters; the seed is a pure function of
-                            the run seed, the rollout-batch index, the micro-batch and the rank)
-                  reward   (submitted at once; remote judges work while the next one generates)
-    update:   for each micro-batch
-                  advantage and loss   (``micro_batch_loss``, the method's math)
-                  manual_backward(loss / number of micro-batches)
-              clip the gradient norm, one optimizer step
+    collect     for each micro-batch of ``batch_size`` rows (``samples_per_prompt`` rows per
+                prompt, a group never split): sample with the *current* parameters (the seed is a
+                pure function of the run seed, the rollout-batch index, the micro-batch and the
+                rank) and submit its rewards at once (remote judges work while the next one
+                generates)
+    score       one no-grad pass per micro-batch: whatever the method's update needs (old and
+                reference log-probs, values, reference hidden states)
+    advantages  over the whole rollout batch at once (reduced across ranks; group-aware)
+    update      one or many optimizer steps (PPO epochs x minibatches), each through
+                :meth:`OnPolicyModule.optimizer_step_on`
 
-so one Lightning step is one optimizer update and ``trainer.global_step`` counts updates. Methods
-that take several optimizer steps per rollout batch (PPO epochs over minibatches) override
-``update``; ``global_step`` then counts each ``opt.step()``, and prompts are scheduled by
-``rollout_batches_done``, not by ``global_step``.
+"An update" for the user is one rollout batch: ``total_updates`` counts them, training stops
+after them, and checkpoints, progress, held-out evaluations and resume count
+``rollout_batches_done``. ``trainer.global_step`` counts every ``opt.step()``.
 
-An update whose loss or gradient norm is NaN/inf is skipped (no optimizer step, a warning, the
-``skipped_updates`` metric); ``max_skipped_updates`` in a row stop the run.
+No step without a signal: an update whose rollout batch has no valid reward (a judge that stopped
+answering) takes no optimizer step and is counted; ``max_updates_without_signal`` of them in a row
+stop the run with one line that names the reward. An optimizer step whose loss or gradient is
+NaN/inf is skipped on every rank together and counted; ``max_skipped_updates`` in a row stop the
+run.
 
-What a checkpoint holds: only the trainable state (the frozen base model is rebuilt from its id),
-the optimizer, the loop counters, the running reward EMA and the RNG states, so that ``fit
---ckpt_path last`` continues exactly where an uninterrupted run would be.
+What a checkpoint holds: only what requires grad (a steering vector, LoRA weights, a value head)
+plus any module listed in ``extra_state_modules`` (e.g. a discriminator's buffers), the optimizer
+and scheduler, the loop counters and the RNG states, so that ``fit --ckpt_path last`` continues
+exactly where an uninterrupted run would be. The frozen base model is rebuilt from its id.
 """
 
 from __future__ import annotations
@@ -32,19 +36,28 @@ import math
 import time
 from abc import abstractmethod
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
 
 import lightning as L
 import torch
 from tqdm.auto import tqdm
 
 from modules.errors import UserError
-
-from modules.judges.rewards import PendingRewards, Rewards
+from modules.rewards import PendingRewards, RewardFunction, Rewards
 from modules.rl.advantages import ema_update, masked_mean, masked_std
-from modules.rollout import Rollout, SamplingConfig
+from modules.rl.kl import exact_kl
+from modules.rl.losses import TokenStats, response_token_stats
+from modules.rollout import Rollout, SamplingConfig, response_hidden_states
 
 log = logging.getLogger(__name__)
+
+LRSchedule = Literal["constant", "linear", "cosine"]
+
+
+class TrainingStopped(UserError):
+    """Training cannot make progress (no reward signal, NaN losses); checkpoints so far are intact."""
 
 
 @dataclass
@@ -56,52 +69,127 @@ class PromptBatch:
     prompts: list[str]
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    records: list[dict] = field(default_factory=list)
+    """The data row each prompt came from (reference answers, baseline replies, precomputed rewards)."""
 
     def split(self, size: int) -> list["PromptBatch"]:
         parts = []
         for start in range(0, len(self.prompts), size):
             ids, mask = self.input_ids[start : start + size], self.attention_mask[start : start + size]
             keep = int(mask.sum(0).nonzero()[0]) if mask.any() else 0  # drop all-padding columns
-            parts.append(PromptBatch(self.index, self.prompts[start : start + size], ids[:, keep:], mask[:, keep:]))
+            parts.append(PromptBatch(self.index, self.prompts[start : start + size], ids[:, keep:], mask[:, keep:],
+                                     self.records[start : start + size]))
         return parts
 
+    def repeat(self, times: int) -> "PromptBatch":
+        """Every prompt ``times`` times in a row (the samples of one group)."""
+        if times == 1:
+            return self
+        return PromptBatch(self.index, [p for p in self.prompts for _ in range(times)],
+                           self.input_ids.repeat_interleave(times, 0), self.attention_mask.repeat_interleave(times, 0),
+                           [r for r in self.records for _ in range(times)])
+
     def to(self, device) -> "PromptBatch":
-        return PromptBatch(self.index, self.prompts, self.input_ids.to(device), self.attention_mask.to(device))
+        return PromptBatch(self.index, self.prompts, self.input_ids.to(device), self.attention_mask.to(device),
+                           self.records)
 
 
 @dataclass
 class Experience:
-    """A micro-batch's rollout and its rewards, ready for the loss."""
+    """Rows of a rollout batch (a micro-batch, the whole batch, or a minibatch) and what the update needs."""
 
     rollout: Rollout
     rewards: Rewards
+    group: torch.Tensor
+    """[B] group id: rows sampled from the same prompt share it (unique within a rollout batch)."""
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    """From the score pass: per-row [B, ...] or per-token [B, R, ...] tensors (R = response width)."""
+    advantages: torch.Tensor | None = None
+    """[B] (one per reply) or [B, R] (per token)."""
+    returns: torch.Tensor | None = None
+    """[B, R] value targets (methods with a value head)."""
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.rewards.valid
+
+    def _per_token(self, t: torch.Tensor) -> bool:
+        return t.dim() >= 2 and tuple(t.shape[:2]) == tuple(self.rollout.response_ids.shape)
+
+    def select(self, rows: torch.Tensor) -> "Experience":
+        """The given rows; response columns beyond the longest selected reply are dropped."""
+        rollout = self.rollout.select(rows)
+        width = rollout.response_ids.shape[1]
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            picked = t[rows.to(t.device)]
+            return picked[:, :width] if self._per_token(t) else picked
+
+        return Experience(rollout, self.rewards.select(rows), self.group[rows.to(self.group.device)],
+                          {k: pick(v) for k, v in self.scores.items()}, pick(self.advantages), pick(self.returns))
+
+    @staticmethod
+    def concat(parts: list["Experience"], pad_id: int) -> "Experience":
+        """Rows of several experiences (scored, before advantages), re-padded to common widths."""
+        rollout = Rollout.concat([p.rollout for p in parts], pad_id)
+        width = rollout.response_ids.shape[1]
+
+        def cat(key: str) -> torch.Tensor:
+            tensors = [p.scores[key] for p in parts]
+            if all(p._per_token(t) for p, t in zip(parts, tensors)):
+                tensors = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]))
+                           for t in tensors]
+            return torch.cat(tensors)
+
+        keys = [k for k in parts[0].scores if all(k in p.scores for p in parts)]
+        return Experience(rollout, Rewards.concat([p.rewards for p in parts]), torch.cat([p.group for p in parts]),
+                          {k: cat(k) for k in keys})
+
+
+def lr_factor(update: int, total: int, warmup: int, schedule: LRSchedule) -> float:
+    """Multiplier of the learning rate after ``update`` completed updates (linear warm-up first)."""
+    if warmup > 0 and update < warmup:
+        return (update + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (update - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class OnPolicyModule(L.LightningModule):
-    """Base of every method: the rollout → reward → advantage → loss → step cycle.
+    """Base of every method: the collect → score → advantages → update cycle.
 
     Args:
-        batch_size: Prompts per micro-batch (one generate call, one backward).
-        grad_accum: Micro-batches per optimizer update (effective batch = batch_size * grad_accum).
-        total_updates: Optimizer updates to run (sets ``trainer.max_steps`` through the CLI).
+        batch_size: Rows per micro-batch (one generate call, one forward/backward chunk).
+        grad_accum: Micro-batches per rollout batch (rows per update = batch_size * grad_accum).
+        samples_per_prompt: Replies sampled per prompt (a group); must divide batch_size.
+        total_updates: Rollout batches (updates) to train for; training stops after them.
         max_new_tokens: Most tokens sampled per response.
         temperature: Sampling temperature (log-probs in the loss use the same temperature).
         top_p: Nucleus sampling threshold (1.0 samples from the full distribution, exactly on-policy).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         max_grad_norm: Clip the gradient norm to this before each step (0 disables clipping).
+        lr_schedule: ``constant``, ``linear`` (to 0 at the last update) or ``cosine``.
+        warmup_updates: Updates of linear learning-rate warm-up before the schedule.
         seed: Seeds the rollout sampling (with the rollout-batch index, micro-batch and rank).
         reward_ema_decay: Decay of the logged reward EMA.
-        max_skipped_updates: Give up after this many consecutive updates skipped for a NaN/inf loss.
+        max_skipped_updates: Stop after this many optimizer steps in a row skipped for a NaN/inf loss.
+        max_updates_without_signal: Stop after this many updates in a row with no valid reward.
     """
 
-    trainable_prefixes: tuple[str, ...] = ()
-    """State-dict prefixes of the trainable state; only these are saved in checkpoints."""
+    extra_state_modules: tuple[str, ...] = ()
+    """Names of submodules whose whole state (buffers too) is checkpointed beside what requires grad."""
 
     def __init__(
         self,
         batch_size: int = 8,
         grad_accum: int = 1,
+        samples_per_prompt: int = 1,
         total_updates: int = 30,
         max_new_tokens: int = 120,
         temperature: float = 1.0,
@@ -109,118 +197,262 @@ class OnPolicyModule(L.LightningModule):
         lr: float = 1e-2,
         weight_decay: float = 0.0,
         max_grad_norm: float = 1.0,
+        lr_schedule: LRSchedule = "constant",
+        warmup_updates: int = 0,
         seed: int = 0,
         reward_ema_decay: float = 0.9,
         max_skipped_updates: int = 10,
+        max_updates_without_signal: int = 3,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the trainable state only
-        if batch_size < 1 or grad_accum < 1 or total_updates < 1:
-            raise UserError("batch_size, grad_accum and total_updates must be at least 1")
+        for name, value in (("batch_size", batch_size), ("grad_accum", grad_accum),
+                            ("samples_per_prompt", samples_per_prompt), ("total_updates", total_updates),
+                            ("max_new_tokens", max_new_tokens), ("max_skipped_updates", max_skipped_updates),
+                            ("max_updates_without_signal", max_updates_without_signal)):
+            if value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+        if batch_size % samples_per_prompt:
+            raise UserError(f"samples_per_prompt ({samples_per_prompt}) must divide batch_size ({batch_size}): "
+                            "a group of replies to one prompt is never split across micro-batches")
+        if not temperature > 0:
+            raise UserError(f"temperature must be > 0, got {temperature} (sampling needs a positive temperature)")
+        if not 0 < top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {top_p}")
+        if not lr > 0:
+            raise UserError(f"lr must be > 0, got {lr}")
+        if weight_decay < 0 or max_grad_norm < 0 or warmup_updates < 0:
+            raise UserError("weight_decay, max_grad_norm and warmup_updates must be >= 0, got "
+                            f"{weight_decay}, {max_grad_norm}, {warmup_updates}")
+        if lr_schedule not in ("constant", "linear", "cosine"):
+            raise UserError(f"unknown lr_schedule '{lr_schedule}': use constant, linear or cosine")
+        if not 0 <= reward_ema_decay < 1:
+            raise UserError(f"reward_ema_decay must be in [0, 1), got {reward_ema_decay}")
         self.batch_size, self.grad_accum, self.total_updates = batch_size, grad_accum, total_updates
+        self.samples_per_prompt = samples_per_prompt
         self.lr, self.weight_decay, self.max_grad_norm = lr, weight_decay, max_grad_norm
-        self.seed, self.reward_ema_decay, self.max_skipped_updates = seed, reward_ema_decay, max_skipped_updates
+        self.lr_schedule, self.warmup_updates = lr_schedule, warmup_updates
+        self.seed, self.reward_ema_decay = seed, reward_ema_decay
+        self.max_skipped_updates, self.max_updates_without_signal = max_skipped_updates, max_updates_without_signal
         self.sampling = SamplingConfig(max_new_tokens, temperature, top_p)
         self.rollout_batches_done = 0
         self.reward_ema: float | None = None
+        self.skipped_updates = 0  # optimizer steps skipped for NaN/inf
         self._skipped_in_a_row = 0
-        self.skipped_updates = 0
+        self.updates_without_signal = 0
+        self._without_signal_in_a_row = 0
         self.last_experiences: list[Experience] = []
         self.batch_judge_calls = False  # set by the JudgeBatching callback
+        self._timings: dict[str, float] = {}
+
+    @property
+    def prompts_per_update(self) -> int:
+        return self.batch_size * self.grad_accum // self.samples_per_prompt
 
     # -- what a method provides ----------------------------------------------------------------
+    reward: RewardFunction
+    """The method's reward (a judge, a reward model, a sum of them)."""
+    policy: torch.nn.Module
+    """The causal LM that samples (with the method's intervention or adapter inside)."""
+    tokenizer: object
+    logit_chunk_tokens: int = 1024
+    arm_names: tuple[str, str] = ("reference", "trained")
+    """Names of the reference and trained policy in held-out reports."""
+
     @abstractmethod
     def rollout_micro_batch(self, prompts: PromptBatch, seed: int) -> Rollout:
-        """Sample responses with the current parameters."""
+        """Sample responses with the current parameters (interventions on)."""
+
+    def score(self, experience: Experience) -> None:
+        """No-grad pass over a micro-batch's rollout; fills ``experience.scores``."""
 
     @abstractmethod
-    def submit_rewards(self, rollout: Rollout) -> PendingRewards:
-        """Start scoring a rollout; must not block."""
+    def compute_advantages(self, batch: Experience) -> None:
+        """Fill ``batch.advantages`` (and ``returns``) over the whole rollout batch."""
 
     @abstractmethod
-    def micro_batch_loss(self, experience: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Advantages and loss of one micro-batch, plus per-micro-batch metrics (scalars)."""
+    def update(self, batch: Experience) -> dict[str, float]:
+        """Optimizer step(s) on the rollout batch, each through :meth:`optimizer_step_on`."""
 
-    def preflight(self) -> None:
-        """Check, before anything is written, that external parts (judges) answer; raise UserError."""
+    @abstractmethod
+    def reference(self) -> AbstractContextManager:
+        """The reference policy (the policy as training started: intervention off / starting adapter)."""
+
+    def interventions_off(self) -> AbstractContextManager:
+        """The bare base model (what a local judge sharing the weights sees)."""
+        return self.reference()
+
+    def preflight(self, datamodule=None) -> None:
+        """Check, before anything is written, that external parts answer and data fits; raise UserError."""
+        for split in ("train", "heldout"):
+            records = getattr(datamodule, f"{split}_records", None) if datamodule is not None else None
+            if records:
+                self.reward.check_data(records, f"{split} data")
+        self.reward.preflight()
 
     def extra_metrics(self) -> dict[str, float]:
-        """Method-specific metrics logged once per update (e.g. alpha and ||v||)."""
+        """Method-specific metrics logged once per update."""
         return {}
 
-    def reward_hold(self) -> AbstractContextManager:
-        """Context inside which reward submissions of one update are batched (see JudgeBatching)."""
-        return nullcontext()
+    def export_artifacts(self, run_dir: Path, update: int, final: bool) -> None:
+        """Portable files beside a checkpoint (a steering vector, a PEFT adapter)."""
+
+    def policy_hidden(self, batch: Rollout) -> torch.Tensor:
+        """[B, R, d] final hidden states predicting the response tokens, interventions on (gradient
+        as the caller's context); under ``reference()`` the reference policy's."""
+        return response_hidden_states(self.policy, batch)
+
+    # -- per-token statistics ------------------------------------------------------------------
+    def token_stats(self, hidden: torch.Tensor, ref_hidden: torch.Tensor | None, batch: Rollout,
+                    full_kl=None, entropy: bool = False) -> TokenStats:
+        """Log-probs (and a full-vocabulary KL when ``ref_hidden`` and ``full_kl`` are given) of a
+        rollout's response tokens from [N, d] hidden states gathered under the response mask."""
+        targets = batch.response_ids[batch.response_mask.bool()]
+        weight = self.policy.get_output_embeddings().weight
+        return response_token_stats(hidden, ref_hidden, targets, weight, self.sampling.temperature,
+                                    full_kl if ref_hidden is not None else None, self.logit_chunk_tokens, entropy)
+
+    @torch.no_grad()
+    def heldout_kl(self, batch: Rollout) -> torch.Tensor:
+        """[N] exact KL(policy || reference) at each response token (held-out reports)."""
+        mask = batch.response_mask.bool()
+        with self.reference():
+            ref_hidden = self.policy_hidden(batch)[mask]
+        return self.token_stats(self.policy_hidden(batch)[mask], ref_hidden, batch, exact_kl).kl
 
     # -- the cycle -----------------------------------------------------------------------------
     def rollout_seed(self, batch_index: int, micro_index: int) -> int:
         return (self.seed * 1_000_003 + batch_index * 9_973 + micro_index * 101 + self.global_rank) % (2**31 - 1)
 
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (the identity on one device)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
+
+    def reward_hold(self) -> AbstractContextManager:
+        return self.reward.hold() if self.batch_judge_calls else nullcontext()
+
     def collect(self, batch: PromptBatch) -> list[Experience]:
         """Rollouts of every micro-batch, each reward submitted as soon as its rollout exists."""
-        pending: list[tuple[Rollout, PendingRewards]] = []
-        parts = batch.split(self.batch_size)
+        pending: list[tuple[Rollout, PendingRewards, torch.Tensor]] = []
+        rows = batch.repeat(self.samples_per_prompt)
+        groups = torch.arange(len(batch.prompts)).repeat_interleave(self.samples_per_prompt)
+        parts = rows.split(self.batch_size)
         show = len(parts) > 1 and self._trainer is not None and self.trainer.is_global_zero
         for k, micro in enumerate(tqdm(parts, desc=f"rollouts of update {batch.index + 1}", leave=False,
                                        disable=not show)):
             rollout = self.rollout_micro_batch(micro, self.rollout_seed(batch.index, k))
-            pending.append((rollout, self.submit_rewards(rollout)))
+            rollout.records = rollout.records or list(micro.records)
+            group = groups[k * self.batch_size : k * self.batch_size + len(micro.prompts)]
+            pending.append((rollout, self.reward.submit(rollout), group))
         start = time.perf_counter()
-        experiences = [Experience(rollout, rewards.result()) for rollout, rewards in pending]
+        experiences = [Experience(r, p.result(), g) for r, p, g in pending]
         self._timings["judge_wait_s"] = time.perf_counter() - start
         return experiences
 
-    def update(self, experiences: list[Experience]) -> dict[str, float]:
-        """One optimizer step over all micro-batches (gradient accumulation); skip it on NaN/inf."""
-        opt = self.optimizers()
-        opt.zero_grad(set_to_none=True)
-        per_micro: list[dict[str, torch.Tensor]] = []
-        finite = True
-        for exp in experiences:
-            loss, metrics = self.micro_batch_loss(exp)
-            per_micro.append({"loss": loss.detach(), **metrics})
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            self.manual_backward(loss / len(experiences))
-        grad_norm = torch.tensor(0.0)
-        if finite:
-            params = [p for g in opt.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm > 0 else math.inf)
-            finite = bool(torch.isfinite(grad_norm))
-        if finite:
-            opt.step()
-            self._skipped_in_a_row = 0
-        else:
-            opt.zero_grad(set_to_none=True)
-            self.skipped_updates += 1
-            self._skipped_in_a_row += 1
-            log.warning("skipped update %d: the loss or gradient was NaN/inf", self.rollout_batches_done)
-            if self._skipped_in_a_row >= self.max_skipped_updates:
-                raise RuntimeError(f"{self._skipped_in_a_row} updates in a row had a NaN/inf loss: stopping")
-        metrics = {k: float(torch.stack([m[k].float() for m in per_micro]).mean()) for k in per_micro[0]}
-        metrics["grad_norm"] = float(grad_norm)
-        metrics["skipped_updates"] = float(self.skipped_updates)
-        return metrics
-
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self._timings: dict[str, float] = {}
+        self._timings = {}
         start = time.perf_counter()
         with self.reward_hold():
             experiences = self.collect(batch)
-        metrics = self.update(experiences)
-        self.last_experiences = experiences  # for callbacks (e.g. reward-model features), until the next step
+        started = time.perf_counter()
+        with torch.no_grad():
+            for experience in experiences:
+                self.score(experience)
+        self._timings["score_s"] = time.perf_counter() - started
+        merged = Experience.concat(experiences, self.tokenizer.pad_token_id)
+        metrics = self._rollout_metrics(experiences)
+        if self._has_signal(merged):
+            self.compute_advantages(merged)
+            started = time.perf_counter()
+            metrics.update(self.update(merged))
+            self._timings["update_s"] = time.perf_counter() - started
+        else:
+            self._record_update_without_signal()
+        self.last_experiences = [merged]  # for callbacks (e.g. reward-model features), until the next update
         self.rollout_batches_done += 1
-        metrics.update(self._rollout_metrics(experiences))
+        if self.lr_schedulers() is not None:
+            self.lr_schedulers().step()
         metrics.update(self.extra_metrics())
+        metrics.update(self.reward.metrics())
         metrics.update({f"time/{k}": v for k, v in self._timings.items()})
-        metrics["time/update_s"] = time.perf_counter() - start
+        metrics["time/rollout_batch_s"] = time.perf_counter() - start
+        metrics["updates_without_signal"] = float(self.updates_without_signal)
+        metrics["skipped_updates"] = float(self.skipped_updates)
+        metrics["lr"] = self.optimizers().param_groups[0]["lr"]
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, sync_dist=True)
         self.log_dict(
             {"reward": metrics["reward/mean"], "kl": metrics.get("kl/token", 0.0), "len": metrics["response/length"]},
             on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=1,
         )
+        if self.rollout_batches_done >= self.total_updates:
+            self.trainer.should_stop = True
+
+    def _has_signal(self, batch: Experience) -> bool:
+        valid = self.reduce_sum(batch.valid.sum().to(self.device, torch.float32))
+        return bool(valid > 0)
+
+    def _record_update_without_signal(self) -> None:
+        self.updates_without_signal += 1
+        self._without_signal_in_a_row += 1
+        log.warning("update %d had no valid reward (%s): no optimizer step", self.rollout_batches_done + 1,
+                    self.reward.describe_failure())
+        if self._without_signal_in_a_row >= self.max_updates_without_signal:
+            raise TrainingStopped(
+                f"{self._without_signal_in_a_row} updates in a row had no valid reward: "
+                f"{self.reward.describe_failure()}. The checkpoints written so far are intact: "
+                "fix the reward and resume with --ckpt_path last")
+
+    # -- the step helper -----------------------------------------------------------------------
+    def loss_weight(self, chunk: Experience) -> float:
+        """How much a chunk counts in the mean over a step (default: its valid samples)."""
+        return float(chunk.valid.sum())
+
+    def optimizer_step_on(self, chunks: list[Experience],
+                          loss_fn: Callable[[Experience], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+                          ) -> dict[str, float]:
+        """One optimizer step on ``chunks`` (gradient accumulation): every method's step goes here.
+
+        Each chunk's loss (a mean over its own samples or tokens) is weighted by its share of
+        :meth:`loss_weight`, so the step follows the mean over all chunks. Every chunk is
+        backpropagated even when a loss is NaN (under DDP all ranks must run the same backward
+        calls); whether to step is then decided by all ranks together. Clipping goes through
+        Lightning's ``clip_gradients`` (correct under sharded strategies).
+        """
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        weights = [self.loss_weight(c) for c in chunks]
+        total = sum(weights) or 1.0
+        per_chunk: list[dict[str, torch.Tensor]] = []
+        finite = True
+        for chunk, weight in zip(chunks, weights):
+            loss, metrics = loss_fn(chunk)
+            per_chunk.append({"loss": loss.detach(), **metrics})
+            finite = finite and bool(torch.isfinite(loss.detach()))
+            self.manual_backward(loss * (weight / total))
+        grads = [p.grad for g in opt.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        finite = finite and bool(torch.isfinite(grad_norm))
+        finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            if self.max_grad_norm > 0:
+                self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+            opt.step()
+            self._skipped_in_a_row = 0
+        else:
+            self.skipped_updates += 1
+            self._skipped_in_a_row += 1
+            log.warning("skipped an optimizer step of update %d: the loss or gradient was NaN/inf",
+                        self.rollout_batches_done + 1)
+            if self._skipped_in_a_row >= self.max_skipped_updates:
+                raise TrainingStopped(f"{self._skipped_in_a_row} optimizer steps in a row had a NaN/inf loss or "
+                                      "gradient: lower lr, check the reward for NaN, and resume with --ckpt_path last")
+        opt.zero_grad(set_to_none=True)
+        out = {k: _weighted_mean([m[k] for m in per_chunk], weights) for k in per_chunk[0]}
+        out["grad_norm"] = float(grad_norm)
+        return out
 
     def _rollout_metrics(self, experiences: list[Experience]) -> dict[str, float]:
         rewards = torch.cat([e.rewards.values for e in experiences])
@@ -240,9 +472,9 @@ class OnPolicyModule(L.LightningModule):
             "rollout/tokens_per_s": tokens / max(gen_seconds, 1e-9),
             "judge/failed": float((~valid).sum()),
         }
-        for name in experiences[0].rewards.extras:
-            values = torch.cat([e.rewards.extras[name] for e in experiences])
-            metrics[f"reward/{name}"] = float(masked_mean(values, valid))
+        for name in experiences[0].rewards.parts:
+            values = torch.cat([e.rewards.parts[name] for e in experiences])
+            metrics[f"reward/{name}"] = float(masked_mean(values, valid)) if valid.any() else float("nan")
         return metrics
 
     # -- optimizer and checkpoints -------------------------------------------------------------
@@ -253,29 +485,49 @@ class OnPolicyModule(L.LightningModule):
         params = self.trainable_parameters()
         if any(p.dtype != torch.float32 for p in params):
             raise UserError("trainable parameters must be fp32 master copies")
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.lr_schedule == "constant" and self.warmup_updates == 0:
+            return optimizer
+        total, warmup, schedule = self.total_updates, self.warmup_updates, self.lr_schedule
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: lr_factor(u, total, warmup, schedule))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def checkpointed_keys(self) -> set[str]:
+        """State-dict keys a checkpoint keeps: parameters that require grad + ``extra_state_modules``."""
+        keys = {name for name, p in self.named_parameters() if p.requires_grad}
+        prefixes = tuple(f"{m}." for m in self.extra_state_modules)
+        return keys | {k for k in self.state_dict() if prefixes and k.startswith(prefixes)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith(self.trainable_prefixes)}
+        keep = self.checkpointed_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["on_policy"] = {
             "rollout_batches_done": self.rollout_batches_done,
             "reward_ema": self.reward_ema,
             "skipped_updates": self.skipped_updates,
+            "updates_without_signal": self.updates_without_signal,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        expected = {k for k in self.state_dict() if k.startswith(self.trainable_prefixes)}
-        missing = expected - set(checkpoint["state_dict"])
+        missing = self.checkpointed_keys() - set(checkpoint["state_dict"])
         if missing:
-            raise UserError(f"checkpoint lacks trainable state {sorted(missing)}: was it written by this method?")
+            raise UserError(f"the checkpoint lacks trainable state {sorted(missing)[:5]}: "
+                            "was it written by this method with the same options?")
         state = checkpoint.get("on_policy", {})
         self.rollout_batches_done = state.get("rollout_batches_done", 0)
         self.reward_ema = state.get("reward_ema")
         self.skipped_updates = state.get("skipped_updates", 0)
+        self.updates_without_signal = state.get("updates_without_signal", 0)
         if state.get("torch_rng") is not None:
             torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def _weighted_mean(values: list[torch.Tensor], weights: list[float]) -> float:
+    total = sum(weights)
+    if total <= 0:
+        return float(torch.stack([v.float() for v in values]).mean())
+    return float(sum(float(v) * w for v, w in zip(values, weights)) / total)

@@ -100,6 +100,9 @@ class RewardFunction(ABC):
     def preflight(self) -> None:
         """Check, before any file is written, that the reward can be computed; raise UserError."""
 
+    def check_data(self, records: Sequence[dict], where: str) -> None:
+        """Check, before any file is written, that data rows carry what the reward reads."""
+
     def to(self, device) -> "RewardFunction":
         """Move local weights (a local judge, a reward model) to ``device``."""
         return self
@@ -163,6 +166,10 @@ class WeightedSum(RewardFunction):
         for r in self.rewards:
             r.preflight()
 
+    def check_data(self, records: Sequence[dict], where: str) -> None:
+        for r in self.rewards:
+            r.check_data(records, where)
+
     def to(self, device) -> "WeightedSum":
         for r in self.rewards:
             r.to(device)
@@ -183,3 +190,29 @@ class WeightedSum(RewardFunction):
 
     def describe_failure(self) -> str:
         return "; ".join(r.describe_failure() for r in self.rewards)
+
+
+class FieldReward(RewardFunction):
+    """The reward stored in a field of each data row (precomputed rewards, seed 003's data).
+
+    Args:
+        field: The data row's field holding a number.
+    """
+
+    def __init__(self, field: str = "reward"):
+        self.field = field
+        self.name = f"field:{field}"
+
+    def check_data(self, records: Sequence[dict], where: str) -> None:
+        from modules.errors import UserError
+
+        for number, row in enumerate(records, 1):
+            value = row.get(self.field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                shown = "missing" if self.field not in row else repr(value)[:40]
+                raise UserError(f"{where} row {number}: '{self.field}' must be a number, got {shown}")
+
+    def submit(self, rollout: "Rollout") -> PendingRewards:
+        values = torch.tensor([float(r.get(self.field, float("nan"))) for r in rollout.records])
+        valid = torch.isfinite(values)
+        return PendingRewards.ready(Rewards(torch.where(valid, values, torch.zeros_like(values)), valid))

@@ -55,6 +55,39 @@ class Rollout:
     def num_tokens(self) -> int:
         return int(self.response_mask.sum())
 
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        """The given rows, with prompt and response columns that are padding in every row dropped."""
+        rows = rows.to(self.prompt_ids.device)
+        prompt_mask, response_mask = self.prompt_mask[rows], self.response_mask[rows]
+        first = int(prompt_mask.any(0).nonzero()[0]) if prompt_mask.any() else prompt_mask.shape[1]
+        width = int(response_mask.any(0).nonzero()[-1]) + 1 if response_mask.any() else 0
+        picked = rows.tolist()
+        return Rollout([self.prompts[i] for i in picked], self.prompt_ids[rows][:, first:], prompt_mask[:, first:],
+                       self.response_ids[rows][:, :width], response_mask[:, :width],
+                       [self.responses[i] for i in picked], self.seconds,
+                       [self.records[i] for i in picked] if self.records else [])
+
+    @staticmethod
+    def concat(parts: list["Rollout"], pad_id: int) -> "Rollout":
+        """Rows of several rollouts: prompts left-padded and responses right-padded to common widths."""
+        width_p = max(r.prompt_ids.shape[1] for r in parts)
+        width_r = max(r.response_ids.shape[1] for r in parts)
+
+        def pad(t: torch.Tensor, width: int, left: bool, value: int) -> torch.Tensor:
+            extra = width - t.shape[1]
+            return torch.nn.functional.pad(t, (extra, 0) if left else (0, extra), value=value)
+
+        return Rollout(
+            [p for r in parts for p in r.prompts],
+            torch.cat([pad(r.prompt_ids, width_p, True, pad_id) for r in parts]),
+            torch.cat([pad(r.prompt_mask, width_p, True, 0) for r in parts]),
+            torch.cat([pad(r.response_ids, width_r, False, pad_id) for r in parts]),
+            torch.cat([pad(r.response_mask, width_r, False, 0) for r in parts]),
+            [t for r in parts for t in r.responses],
+            sum(r.seconds for r in parts),
+            [rec for r in parts for rec in r.records] if all(r.records for r in parts) else [],
+        )
+
 
 def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
     """End-of-turn ids: the generation config's ``eos_token_id`` (int or list) and the tokenizer's."""
@@ -127,9 +160,9 @@ def rollout(
 def response_hidden_states(model: nn.Module, batch: Rollout) -> torch.Tensor:
     """Final hidden states (after the final norm) at the positions that predict response tokens.
 
-    Returns [N, d] for the N response tokens (row-major over ``batch.response_mask``). Position ids
-    follow the attention mask (as ``generate`` does with left padding), so the log-probs match the
-    ones the tokens were sampled with.
+    Returns [B, R, d]: entry ``[b, t]`` predicts ``batch.response_ids[b, t]`` (meaningless where the
+    response mask is 0). Position ids follow the attention mask (as ``generate`` does with left
+    padding), so the log-probs match the ones the tokens were sampled with.
     """
     input_ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1)
     attention_mask = torch.cat([batch.prompt_mask, batch.response_mask], dim=1)
@@ -137,5 +170,25 @@ def response_hidden_states(model: nn.Module, batch: Rollout) -> torch.Tensor:
     decoder = model.get_decoder()
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     prompt_len = batch.prompt_ids.shape[1]
-    predicting = hidden[:, prompt_len - 1 : -1]  # position t predicts token t + 1
-    return predicting[batch.response_mask.bool()]
+    return hidden[:, prompt_len - 1 : -1]  # position t predicts token t + 1
+
+
+def teacher_forced_rollout(tokenizer, prompts: list[str], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                           responses: list[str], records: list[dict] | None = None,
+                           max_new_tokens: int | None = None) -> Rollout:
+    """A rollout of *given* responses (e.g. rows of a precomputed-rewards file), ending in the
+    end-of-turn token as a sampled reply would."""
+    eos = tokenizer.eos_token_id
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in responses]
+    if max_new_tokens is not None:
+        rows = [ids[: max_new_tokens - 1] for ids in rows]
+    rows = [ids + [eos] for ids in rows]
+    width = max(len(ids) for ids in rows)
+    response_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        response_ids[i, : len(ids)] = torch.tensor(ids)
+        response_mask[i, : len(ids)] = 1
+    device = prompt_ids.device
+    return Rollout(list(prompts), prompt_ids, prompt_mask, response_ids.to(device), response_mask.to(device),
+                   list(responses), 0.0, list(records or []))

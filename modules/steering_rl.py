@@ -24,26 +24,26 @@ Where this departs from seed 000:
 6. ``v`` starts at zero (so the first rollouts are the base model's) unless ``init_std > 0``.
 7. Samples whose judge call failed are masked out of the update and counted (``judge/failed``);
    the seed's fallback returned a reward of 0.
+8. Rewards are z-scored over the whole rollout batch (all micro-batches, all ranks), not per
+   micro-batch, and the loss is the mean over every valid sample of the batch.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
 from modules.errors import UserError
-
 from modules.judges.base import Judge
-from modules.judges.local import LocalJudge
-from modules.judges.rewards import HONEST_PERSONA, SYCOPHANT_PERSONA, PendingRewards, PersonaReward, RewardMode
+from modules.judges.rewards import HONEST_PERSONA, SYCOPHANT_PERSONA, PersonaReward, RewardMode
 from modules.models.loading import load_causal_lm
 from modules.models.steering_io import save_steering_vector
 from modules.models.steering import HookPoint, SteerPositions, Steering, SteeringVector
 from modules.on_policy import Experience, OnPolicyModule, PromptBatch
 from modules.rl.advantages import advantage_fn, masked_mean
 from modules.rl.kl import KLEstimator, exact_kl, k3_kl, sampled_log_ratio
-from modules.rl.losses import reinforce_loss, response_token_stats
+from modules.rl.losses import reinforce_loss, scatter_to_rows
 from modules.rollout import Rollout, response_hidden_states, rollout
 
 
@@ -74,14 +74,15 @@ class SteeringVectorRL(OnPolicyModule):
         judge_persona: System prompt of the persona whose likelihood is rewarded.
         counter_persona: System prompt subtracted in ``contrast`` mode.
         reward_length_normalize: Per-token mean of the judge's log-probs instead of their sum.
-        use_reward_normalization: z-score rewards within each micro-batch (else raw rewards).
+        use_reward_normalization: z-score rewards over the rollout batch (else raw rewards).
         kl_coef: Weight of the KL(p_steered || p_ref) term.
         kl_estimator: ``exact`` (full vocabulary, default), ``k3`` (as a loss), or ``reward``
             (sampled log-ratio folded into the reward).
         logit_chunk_tokens: Response tokens projected to the vocabulary at a time (bounds memory).
     """
 
-    trainable_prefixes = ("steering_vector.",)
+    arm_names = ("vector off", "vector on")
+    curve_metrics = ("reward/mean", "reward/ema", "kl/token", "response/length", "steer/delta_norm", "judge/failed")
 
     def __init__(
         self,
@@ -107,20 +108,23 @@ class SteeringVectorRL(OnPolicyModule):
     ) -> None:
         super().__init__(**loop_options)
         self.save_hyperparameters(ignore=["judge"])
+        if kl_estimator not in KL_PENALTIES:
+            raise UserError(f"unknown kl_estimator '{kl_estimator}': use exact, k3 or reward")
+        if kl_coef < 0:
+            raise UserError(f"kl_coef must be >= 0, got {kl_coef} (a negative weight trains toward a larger KL)")
+        if logit_chunk_tokens < 1:
+            raise UserError(f"logit_chunk_tokens must be at least 1, got {logit_chunk_tokens}")
         self.model_name = model
         self.policy, self.tokenizer = self.load_policy(model, dtype)
         self.tokenizer.padding_side = "left"
         hidden = self.policy.config.hidden_size
         self.steering_vector = SteeringVector(hidden, init_std, alpha_init, train_alpha)
         self.steering = Steering(self.policy, self.steering_vector, hook_layer, hook_point, steer_positions, steer_last_k)
-        self.judge = judge if judge is not None else LocalJudge()
-        if isinstance(self.judge, LocalJudge):
-            self.judge.attach_shared(self.policy, self.tokenizer, self.steering.disabled)
-        self.reward = PersonaReward(self.judge, reward_mode, judge_persona, counter_persona, reward_length_normalize)
+        self.reward = PersonaReward(judge, reward_mode, judge_persona, counter_persona, reward_length_normalize)
+        self.reward.attach(self.policy, self.tokenizer, self.steering.disabled)
+        self.judge = self.reward.judge
         self.advantages = advantage_fn(use_reward_normalization)
-        if kl_estimator not in KL_PENALTIES:
-            raise UserError(f"unknown kl_estimator '{kl_estimator}': use exact, k3 or reward")
-        self.kl_coef, self.logit_chunk_tokens = kl_coef, logit_chunk_tokens
+        self.kl_estimator, self.kl_coef, self.logit_chunk_tokens = kl_estimator, kl_coef, logit_chunk_tokens
         self.kl_penalty = KL_PENALTIES[kl_estimator]  # None: the log-ratio is folded into the reward
         self.full_kl = exact_kl if kl_estimator == "exact" else None
 
@@ -130,38 +134,60 @@ class SteeringVectorRL(OnPolicyModule):
 
     # -- the on-policy loop's parts ------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        self.judge.to(self.device)
+        self.reward.to(self.device)
 
-    def preflight(self) -> None:
-        self.judge.preflight()
+    def reference(self):
+        """The reference policy: the same model with the steering switched off."""
+        return self.steering.disabled()
 
     def rollout_micro_batch(self, prompts: PromptBatch, seed: int) -> Rollout:
         prompts = prompts.to(self.device)
         return rollout(self.policy, self.tokenizer, prompts.prompts, prompts.input_ids, prompts.attention_mask,
                        self.sampling, seed, self.steering.prompt_length(prompts.input_ids.shape[1]))
 
-    def submit_rewards(self, rollout: Rollout) -> PendingRewards:
-        return self.reward.submit(rollout.prompts, rollout.responses)
+    def score(self, experience: Experience) -> None:
+        """Reference hidden states (exact KL) or log-probs (k3), and the log-ratio the ``reward``
+        estimator folds into the reward."""
+        batch = experience.rollout
+        with self.reference():
+            ref_hidden = response_hidden_states(self.policy, batch)
+        mask = batch.response_mask.bool()
+        ref = self.token_stats(ref_hidden[mask], None, batch)
+        experience.scores["ref_logp"] = scatter_to_rows(ref.logp, mask)
+        if self.full_kl is not None:
+            experience.scores["ref_hidden"] = ref_hidden
+        if self.kl_penalty is None:
+            logp = self.token_stats(self.policy_hidden(batch)[mask], None, batch).logp
+            experience.scores["log_ratio"] = per_sequence_sum(sampled_log_ratio(logp, ref.logp), mask)
 
-    def reward_hold(self):
-        return self.reward.dispatch.held() if self.batch_judge_calls else nullcontext()
+    def compute_advantages(self, batch: Experience) -> None:
+        values, valid = batch.rewards.values.to(self.device), batch.valid.to(self.device)
+        if self.kl_penalty is None:  # kl_estimator == "reward"
+            values = values - self.kl_coef * batch.scores["log_ratio"]
+        batch.advantages = self.advantages(values, valid, self.reduce_sum)
+
+    def update(self, batch: Experience) -> dict[str, float]:
+        """One optimizer step over all micro-batches (REINFORCE is on-policy: one step per rollout)."""
+        rows = torch.arange(len(batch.rollout.prompts))
+        chunks = [batch.select(rows[i : i + self.batch_size]) for i in range(0, len(rows), self.batch_size)]
+        return self.optimizer_step_on(chunks, self.micro_batch_loss)
 
     def micro_batch_loss(self, experience: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        batch, rewards = experience.rollout, experience.rewards
-        mask = batch.response_mask
-        logp, ref_logp, full_kl = self.token_stats(batch, with_grad=True)
-        valid, values = rewards.valid.to(self.device), rewards.values.to(self.device)
+        batch, valid = experience.rollout, experience.valid.to(self.device)
+        mask = batch.response_mask.bool()
+        ref_hidden = experience.scores.get("ref_hidden")
+        stats = self.token_stats(self.policy_hidden(batch)[mask], None if ref_hidden is None else ref_hidden[mask],
+                                 batch, self.full_kl)
+        logp, ref_logp = stats.logp, experience.scores["ref_logp"][mask]
         log_ratio = per_sequence_sum(sampled_log_ratio(logp.detach(), ref_logp), mask)
-        if self.kl_penalty is None:  # kl_estimator == "reward"
-            values = values - self.kl_coef * log_ratio
+        if self.kl_penalty is None:  # folded into the reward before the advantages
             kl_term = torch.zeros((), device=self.device)
         else:
-            kl_term = masked_mean(per_sequence_sum(self.kl_penalty(logp, ref_logp, full_kl), mask), valid)
-        advantages = self.advantages(values, valid)
-        pg_loss = reinforce_loss(per_sequence_sum(logp, mask), advantages, valid)
+            kl_term = masked_mean(per_sequence_sum(self.kl_penalty(logp, ref_logp, stats.kl), mask), valid)
+        pg_loss = reinforce_loss(per_sequence_sum(logp, mask), experience.advantages, valid)
         loss = pg_loss + self.kl_coef * kl_term
         # the exact KL when the logits were compared, else the sampled log-ratio's estimate of it
-        seq_kl = kl_term.detach() if full_kl is not None else masked_mean(log_ratio, valid)
+        seq_kl = kl_term.detach() if stats.kl is not None else masked_mean(log_ratio, valid)
         tokens_per_seq = mask.sum(-1).float().mean().clamp(min=1)
         metrics = {
             "loss/policy": pg_loss.detach(),
@@ -173,30 +199,24 @@ class SteeringVectorRL(OnPolicyModule):
         return loss, metrics
 
     # -- helpers -------------------------------------------------------------------------------
-    def token_stats(self, batch: Rollout, with_grad: bool):
-        """Per-token log-probs (policy and reference) and per-token KL of a rollout's responses."""
-        prompt_len = batch.prompt_ids.shape[1]
-        targets = batch.response_ids[batch.response_mask.bool()]
-        with torch.no_grad(), self.steering.disabled():
-            ref_hidden = response_hidden_states(self.policy, batch)
+    def policy_hidden(self, batch: Rollout) -> torch.Tensor:
+        """[B, R, d] final hidden states with the steering on (off under ``reference()``)."""
         self.steering.record_site_norm = self.steering.site_norm is None  # once per update: a device sync
-        with torch.set_grad_enabled(with_grad), self.steering.prompt_length(prompt_len):
-            hidden = response_hidden_states(self.policy, batch)
-        self.steering.record_site_norm = False
-        weight = self.policy.get_output_embeddings().weight
-        return response_token_stats(hidden, ref_hidden, targets, weight, self.sampling.temperature,
-                                    self.full_kl, self.logit_chunk_tokens)
+        try:
+            with self.steering.prompt_length(batch.prompt_ids.shape[1]):
+                return response_hidden_states(self.policy, batch)
+        finally:
+            self.steering.record_site_norm = False
 
     def extra_metrics(self) -> dict[str, float]:
         v = self.steering_vector
         delta_norm = float(v.delta().detach().norm())
         metrics = {"steer/alpha": float(v.alpha.detach()), "steer/v_norm": float(v.v.detach().norm()),
                    "steer/delta_norm": delta_norm}
-        metrics.update(self.judge.pop_stats().as_metrics())
         if self.steering.site_norm:
             metrics["steer/site_norm"] = self.steering.site_norm
             metrics["steer/relative_norm"] = delta_norm / self.steering.site_norm
-        self.steering.site_norm = None  # measured again in the next update's first loss pass
+        self.steering.site_norm = None  # measured again in the next update's first policy pass
         return metrics
 
     def export_portable(self, path) -> None:
@@ -204,13 +224,14 @@ class SteeringVectorRL(OnPolicyModule):
         hp = {k: v for k, v in self.hparams.items() if isinstance(v, (int, float, str, bool, type(None)))}
         metadata = {"base_model": self.model_name, "hook_layer": self.steering.layer,
                     "hook_point": self.steering.hook_point, "steer_positions": self.steering.positions,
-                    "steer_last_k": self.hparams.get("steer_last_k", 1), "step": int(self.global_step),
+                    "steer_last_k": self.hparams.get("steer_last_k", 1), "step": self.rollout_batches_done,
                     "config": hp}
         save_steering_vector(path, self.steering_vector, metadata)
 
-    def intervention_off(self):
-        """The reference policy: the same model with the steering switched off."""
-        return self.steering.disabled()
+    def export_artifacts(self, run_dir: Path, update: int, final: bool) -> None:
+        self.export_portable(run_dir / "vectors" / f"update{update:06d}.pt")
+        if final:
+            self.export_portable(run_dir / "steering_vector.pt")
 
 
 def per_sequence_sum(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,11 @@ import lightning as L
 
 
 class CrashAt(L.Callback):
-    def __init__(self, step: int):
-        self.step = step
+    """Exit with status 17 before update ``update + 1`` starts (after ``update`` rollout batches)."""
+
+    def __init__(self, update: int):
+        self.update = update
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
+        if pl_module.rollout_batches_done == self.update:
             os._exit(17)

@@ -37,6 +37,7 @@ class LengthJudge(Judge):
 
 
 def prompt_file(tmp_path) -> str:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(PROMPTS) + "\n")
     return str(path)
@@ -50,12 +51,26 @@ def tiny_module(model_dir: str, judge: Judge | None = None, **overrides) -> Stee
     return SteeringVectorRL(**options)
 
 
-def fit(module: SteeringVectorRL, tmp_path, callbacks=(), max_steps: int | None = None) -> L.Trainer:
-    data = PromptDataModule(train_file=prompt_file(tmp_path), heldout_file=None,
-                            prompts_per_update=module.batch_size * module.grad_accum)
-    trainer = L.Trainer(max_steps=max_steps or module.total_updates, default_root_dir=str(tmp_path), logger=False,
+def fit(module, tmp_path, callbacks=(), train_file: str | None = None) -> L.Trainer:
+    """Train ``module`` for its ``total_updates`` (the module stops the trainer) on a small prompt file."""
+    data = PromptDataModule(train_file=train_file or prompt_file(tmp_path), heldout_file=None,
+                            prompts_per_update=module.prompts_per_update)
+    trainer = L.Trainer(max_epochs=-1, default_root_dir=str(tmp_path), logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
                         callbacks=list(callbacks))
     trainer.fit(module, datamodule=data)
     return trainer
+
+
+def loss_of(module, rollout, rewards):
+    """A method's loss on one micro-batch, through the loop's stages (score, advantages)."""
+    import torch
+
+    from modules.on_policy import Experience
+
+    experience = Experience(rollout, rewards, torch.arange(len(rollout.prompts)))
+    with torch.no_grad():
+        module.score(experience)
+    module.compute_advantages(experience)
+    return module.micro_batch_loss(experience)

@@ -49,12 +49,12 @@ def test_run_folder_checkpoints_and_export(tiny_llama_dir, tmp_path):
     config = write_config(tmp_path, tiny_llama_dir, total=10, checkpoints=10)
     cli("fit", "--config", config, "--run_name", "r")
     run = tmp_path / "runs" / "r"
-    steps = sorted(p.name for p in (run / "checkpoints").glob("step*.ckpt"))
-    assert steps == [f"step{s:06d}.ckpt" for s in range(1, 11)]
+    steps = sorted(p.name for p in (run / "checkpoints").glob("update*.ckpt"))
+    assert steps == [f"update{s:06d}.ckpt" for s in range(1, 11)]
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert not list(run.rglob("*.partial"))
     assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
-    assert len(list((run / "vectors").glob("step*.pt"))) == 10
+    assert len(list((run / "vectors").glob("update*.pt"))) == 10
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert set(ckpt["state_dict"]) == {"steering_vector.v", "steering_vector.alpha"}  # no frozen weights
     assert ckpt["global_step"] == 10 and ckpt["on_policy"]["rollout_batches_done"] == 10
@@ -77,7 +77,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_llama_dir, tmp_pa
     config = write_config(tmp_path, tiny_llama_dir, total=8, checkpoints=4)
     cli("fit", "--config", config, "--run_name", "straight")
     crashing = write_config(tmp_path, tiny_llama_dir, total=8, checkpoints=4,
-                            extra_callbacks=[{"class_path": "tests.crash_callback.CrashAt", "init_args": {"step": 5}}])
+                            extra_callbacks=[{"class_path": "tests.crash_callback.CrashAt", "init_args": {"update": 5}}])
     crashed = cli("fit", "--config", crashing, "--run_name", "crashed", check=False)
     assert crashed.returncode == 17
     run = tmp_path / "runs" / "crashed"
@@ -117,7 +117,8 @@ def test_help_explains_every_field(tiny_llama_dir, tmp_path, capsys):
     main(["fit", "--help"])
     shown = capsys.readouterr().out
     for text in ("--trainer.max_epochs", "--model.hook_layer", "Decoder layer (0-based)", "Weight of the KL",
-                 "z-score rewards", "Prompts per micro-batch", "--data.train_file", "--run_name"):
+                 "z-score rewards", "Rows per micro-batch", "--data.train_file", "--run_name",
+                 "Passes over each rollout batch", "Fields of modules.ppo.PPO"):
         assert text in shown, text
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(config), "--print_config"])

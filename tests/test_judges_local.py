@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from modules.judges.base import Judge, Judgement, JudgeRequest
 from modules.judges.local import LocalJudge
 from modules.judges.openai_compat import OpenAICompatibleJudge
+from modules.errors import UserError
 from modules.judges.rewards import PersonaReward
 from modules.models.loading import load_causal_lm
 from modules.models.steering import Steering, SteeringVector
@@ -79,14 +80,28 @@ def test_reward_modes_hand_values():
     table = {("S", "a"): Judgement(-2.0, 4), ("H", "a"): Judgement(-6.0, 4),
              ("S", "b"): Judgement(-3.0, 1), ("H", "b"): None}
     judge = TableJudge(table)
-    contrast_mean = PersonaReward(judge, "contrast", "S", "H", length_normalize=True).score(["p", "q"], ["a", "b"])
+    contrast_mean = PersonaReward(judge, "contrast", "S", "H", length_normalize=True).submit_texts(["p", "q"], ["a", "b"]).result()
     assert contrast_mean.values[0].item() == pytest.approx((-2.0 / 4) - (-6.0 / 4))
     assert contrast_mean.valid.tolist() == [True, False]  # a failed counter-persona call fails the sample
-    contrast_sum = PersonaReward(judge, "contrast", "S", "H", length_normalize=False).score(["p"], ["a"])
+    contrast_sum = PersonaReward(judge, "contrast", "S", "H", length_normalize=False).submit_texts(["p"], ["a"]).result()
     assert contrast_sum.values.tolist() == [4.0]
-    loglik = PersonaReward(judge, "loglik", "S", "H", length_normalize=False).score(["p", "q"], ["a", "b"])
+    loglik = PersonaReward(judge, "loglik", "S", "H", length_normalize=False).submit_texts(["p", "q"], ["a", "b"]).result()
     assert loglik.values.tolist() == [-2.0, -3.0] and loglik.valid.tolist() == [True, True]
     assert judge.pop_stats().failed == 1
+
+
+def test_baseline_reply_is_scored_and_subtracted():
+    """Seed 003's reward: the policy reply's score minus the data row's baseline reply's score."""
+    table = {("H", "mine"): Judgement(-2.0, 2), ("S", "mine"): Judgement(-4.0, 2),
+             ("H", "theirs"): Judgement(-3.0, 1), ("S", "theirs"): Judgement(-1.0, 1),
+             ("H", "bad"): Judgement(-1.0, 1), ("S", "bad"): None}
+    reward = PersonaReward(TableJudge(table), "contrast", "H", "S", length_normalize=True, baseline_field="top_reply")
+    rewards = reward.submit_texts(["p", "q"], ["mine", "mine"], [{"top_reply": "theirs"}, {"top_reply": "bad"}]).result()
+    assert rewards.values[0].item() == pytest.approx((-1.0 - -2.0) - (-3.0 - -1.0))  # (+1) - (-2)
+    assert rewards.valid.tolist() == [True, False]  # a failed baseline score fails the sample
+    assert rewards.parts["baseline_score"][0].item() == pytest.approx(-2.0)
+    with pytest.raises(UserError, match="top_reply"):
+        reward.submit_texts(["p"], ["mine"], [{"other": "x"}])
 
 
 def test_held_dispatch_sends_one_call_for_all_micro_batches():
@@ -94,13 +109,13 @@ def test_held_dispatch_sends_one_call_for_all_micro_batches():
     judge = TableJudge(table)
     reward = PersonaReward(judge, "contrast", "S", "H", length_normalize=False)
     with reward.dispatch.held():
-        first = reward.submit(["p", "p"], ["a", "b"])
-        second = reward.submit(["p", "p"], ["c", "d"])
+        first = reward.submit_texts(["p", "p"], ["a", "b"])
+        second = reward.submit_texts(["p", "p"], ["c", "d"])
         assert judge.calls == []  # nothing sent yet
         assert first.result().values.tolist() == [1.0, 1.0]
         assert second.result().values.tolist() == [1.0, 1.0]
     assert judge.calls == [8]
-    reward.submit(["p"], ["a"]).result()
+    reward.submit_texts(["p"], ["a"]).result()
     assert judge.calls == [8, 2]  # outside the hold each micro-batch is its own call
 
 

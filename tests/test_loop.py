@@ -8,7 +8,8 @@ import torch
 
 from datamodules.prompts import PromptSchedule, StartAt, encode_prompts, read_prompts
 from modules.errors import UserError
-from tests.helpers import LengthJudge, fit, prompt_file, tiny_module
+from modules.on_policy import TrainingStopped
+from tests.helpers import LengthJudge, fit, loss_of, prompt_file, tiny_module
 
 
 class Recorder(L.Callback):
@@ -59,11 +60,11 @@ def test_a_nan_loss_skips_the_update_and_says_so(tiny_llama_dir, tmp_path, caplo
     module = tiny_module(tiny_llama_dir, judge=LengthJudge(nan=True), use_reward_normalization=False,
                          max_skipped_updates=2)
     before = module.steering_vector.v.detach().clone()
-    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="NaN/inf"):
-        fit(module, tmp_path, max_steps=5)
+    with caplog.at_level(logging.WARNING), pytest.raises(TrainingStopped, match="NaN/inf"):
+        fit(module, tmp_path)
     assert torch.equal(module.steering_vector.v.detach(), before)
     assert module.skipped_updates == 2
-    assert "skipped update" in caplog.text
+    assert "skipped an optimizer step of update 1" in caplog.text
 
 
 def test_failed_judge_calls_are_masked_and_counted(tiny_llama_dir, tmp_path):
@@ -76,8 +77,7 @@ def test_failed_judge_calls_are_masked_and_counted(tiny_llama_dir, tmp_path):
 
 def test_failed_sample_gets_no_gradient(tiny_llama_dir):
     """A masked sample changes nothing: the gradient equals that of the batch without it."""
-    from modules.judges.rewards import Rewards
-    from modules.on_policy import Experience
+    from modules.rewards import Rewards
 
     module = tiny_module(tiny_llama_dir, use_reward_normalization=False, kl_coef=0.0)
     batch = encode_prompts(module.tokenizer, ["a b c", "hello there", "third one"])
@@ -86,7 +86,7 @@ def test_failed_sample_gets_no_gradient(tiny_llama_dir):
     def grad_of(valid):
         module.steering_vector.zero_grad()
         rewards = Rewards(torch.tensor([1.0, -2.0, 3.0]), torch.tensor(valid))
-        loss, _ = module.micro_batch_loss(Experience(rollout, rewards))
+        loss, _ = loss_of(module, rollout, rewards)
         loss.backward()
         return module.steering_vector.v.grad.clone()
 
@@ -103,14 +103,13 @@ def test_failed_sample_gets_no_gradient(tiny_llama_dir):
 
 
 def _grad_for(module, sub, values, rollout, keep):
-    from modules.judges.rewards import Rewards
-    from modules.on_policy import Experience
+    from modules.rewards import Rewards
     from modules.rollout import Rollout
 
     part = Rollout([rollout.prompts[i] for i in keep], rollout.prompt_ids[keep], rollout.prompt_mask[keep],
                    rollout.response_ids[keep], rollout.response_mask[keep], [rollout.responses[i] for i in keep])
     module.steering_vector.zero_grad()
-    loss, _ = module.micro_batch_loss(Experience(part, Rewards(values, torch.tensor([True, True]))))
+    loss, _ = loss_of(module, part, Rewards(values, torch.tensor([True, True])))
     loss.backward()
     return module.steering_vector.v.grad.clone()
 
@@ -147,3 +146,102 @@ def test_shipped_prompt_sets():
     heldout = read_prompts("datamodules/data/sycophancy_heldout.txt")
     assert len(train) >= 200 and len(heldout) >= 48
     assert not set(train) & set(heldout)
+
+
+# the loss of SteeringVectorRL on fixed tensors, recorded before the loop gained its score and
+# advantage stages (same tiny model, vector and rollout): the refactor must not change it
+PINNED_STEERING_LOSS = {  # (kl_estimator, z-score) -> (loss, |grad v|, grad alpha, kl/seq)
+    ("exact", True): (7.545296669006348, 0.08524688333272934, -0.151308074593544, 0.016382038593292236),
+    ("exact", False): (39.4338264465332, 0.1679375320672989, -0.15143609046936035, 0.016382038593292236),
+    ("k3", True): (7.546135425567627, 0.08471547812223434, -0.15048351883888245, 0.02052815817296505),
+    ("k3", False): (39.43466567993164, 0.1674451380968094, -0.15061290562152863, 0.02052815817296505),
+    ("reward", True): (7.724698543548584, 0.08440084755420685, -0.1548508107662201, 0.02052815817296505),
+    ("reward", False): (38.97343063354492, 0.16103458404541016, -0.1443587690591812, 0.02052815817296505),
+}
+
+
+@pytest.mark.parametrize("estimator,zscore", list(PINNED_STEERING_LOSS))
+def test_steering_loss_is_pinned_on_fixed_tensors(tiny_llama_dir, estimator, zscore):
+    from modules.rewards import Rewards
+    from modules.rollout import Rollout
+
+    torch.manual_seed(0)
+    module = tiny_module(tiny_llama_dir, kl_estimator=estimator, use_reward_normalization=zscore, kl_coef=0.3,
+                         temperature=0.8, init_std=0.0)
+    with torch.no_grad():
+        module.steering_vector.v.copy_(torch.sin(torch.arange(module.steering_vector.v.numel()).float()) * 2.0)
+        module.steering_vector.alpha.fill_(1.5)
+    prompt_ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12], [0, 13, 14, 15, 16]])
+    rollout = Rollout(["a", "b", "c"], prompt_ids, (prompt_ids != 0).long(),
+                      torch.tensor([[20, 21, 22, 2], [23, 24, 0, 0], [25, 26, 27, 28]]),
+                      torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]]), ["x", "y", "z"])
+    loss, metrics = loss_of(module, rollout, Rewards(torch.tensor([1.0, -0.5, 2.0]), torch.tensor([True] * 3)))
+    loss.backward()
+    expected = PINNED_STEERING_LOSS[(estimator, zscore)]
+    got = (loss.item(), module.steering_vector.v.grad.norm().item(), module.steering_vector.alpha.grad.item(),
+           metrics["kl/seq"].item())
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_an_update_without_any_reward_takes_no_step_and_the_run_stops_with_the_judge_named(tiny_llama_dir, tmp_path,
+                                                                                       caplog):
+    module = tiny_module(tiny_llama_dir, judge=LengthJudge(fail_every=1), total_updates=5,
+                         max_updates_without_signal=2)
+    before = module.steering_vector.delta().detach().clone()
+    with caplog.at_level(logging.WARNING), pytest.raises(TrainingStopped) as stopped:
+        fit(module, tmp_path)
+    assert "2 updates in a row had no valid reward" in str(stopped.value) and "length" in str(stopped.value)
+    assert module.updates_without_signal == 2 and module.rollout_batches_done == 1  # the second raised
+    assert module.optimizers().optimizer.state == {}  # Adam never stepped: no momentum moved the vector
+    assert torch.equal(module.steering_vector.delta().detach(), before)
+    assert "had no valid reward" in caplog.text
+
+
+def test_heldout_report_says_when_there_is_nothing_to_compare():
+    from modules.evaluation import HeldOutReport
+
+    empty = HeldOutReport(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, judge_failed=8)
+    assert "no judge answers" in empty.format() and "0.0 tokens" not in empty.format()
+    one = HeldOutReport(1, 0.5, 0.0, 0.2, 0.0, 0.3, 0.0, 0.0, 0.1, 0.1, 10.0, 11.0, judge_failed=0)
+    assert "too few samples for a standard error: one sample" in one.format() and "inf" not in one.format()
+    flat = HeldOutReport(4, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.1, 0.1, 10.0, 11.0, judge_failed=0)
+    assert "identical rewards" in flat.format()
+    real = HeldOutReport(32, 0.0115, 0.0147, -0.0554, 0.0132, 0.0668, 0.0198, 0.0171, 0.206, 6.3, 30.6, 31.8, 0)
+    assert "on − off           : +0.0668 ± 0.0198 (Welch; +3.4 SE)" in real.format()
+    assert "reward, vector off : -0.0554 ± 0.0132" in real.format()
+
+
+def test_lr_schedules():
+    from modules.on_policy import lr_factor
+
+    assert [lr_factor(u, 10, 0, "constant") for u in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    assert [lr_factor(u, 10, 2, "constant") for u in (0, 1, 2)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert [lr_factor(u, 10, 0, "linear") for u in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
+    assert [lr_factor(u, 10, 0, "cosine") for u in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
+
+
+def test_experience_rows_select_and_concat_with_their_padding():
+    from modules.on_policy import Experience
+    from modules.rewards import Rewards
+    from modules.rollout import Rollout
+
+    def part(prompt_ids, response_ids, rewards):
+        rollout = Rollout([f"p{int(r)}" for r in rewards], prompt_ids, (prompt_ids != 0).long(), response_ids,
+                          (response_ids != 0).long(), [f"r{int(r)}" for r in rewards], 1.0,
+                          [{"i": int(r)} for r in rewards])
+        per_token = response_ids.float()
+        return Experience(rollout, Rewards(torch.tensor(rewards), torch.tensor([True] * len(rewards))),
+                          torch.arange(len(rewards)), {"logp": per_token, "row": torch.tensor(rewards)})
+
+    a = part(torch.tensor([[0, 5, 6], [7, 8, 9]]), torch.tensor([[3, 4], [5, 0]]), [1.0, 2.0])
+    b = part(torch.tensor([[4]]), torch.tensor([[6, 7, 8]]), [3.0])
+    merged = Experience.concat([a, b], pad_id=0)
+    assert merged.rollout.prompt_ids.tolist() == [[0, 5, 6], [7, 8, 9], [0, 0, 4]]  # left-padded
+    assert merged.rollout.response_ids.tolist() == [[3, 4, 0], [5, 0, 0], [6, 7, 8]]  # right-padded
+    assert merged.scores["logp"].tolist() == [[3, 4, 0], [5, 0, 0], [6, 7, 8]]
+    assert merged.scores["row"].tolist() == [1.0, 2.0, 3.0] and merged.rollout.seconds == 2.0
+    picked = merged.select(torch.tensor([1, 0]))
+    assert picked.rollout.prompt_ids.tolist() == [[7, 8, 9], [0, 5, 6]]
+    assert picked.rollout.response_ids.tolist() == [[5, 0], [3, 4]]  # the all-padding column is gone
+    assert picked.scores["logp"].shape == (2, 2) and picked.rollout.records == [{"i": 2}, {"i": 1}]
+    assert picked.rewards.values.tolist() == [2.0, 1.0]

@@ -94,8 +94,9 @@ def test_chunked_token_stats_match_one_pass(chunk):
     ref_hidden = torch.randn(n, d)
     weight = torch.randn(vocab, d)
     targets = torch.randint(0, vocab, (n,))
-    logp, ref_logp, kl = response_token_stats(hidden, ref_hidden, targets, weight, 0.7, exact_kl, chunk)
-    (logp.sum() + kl.sum()).backward()
+    stats = response_token_stats(hidden, ref_hidden, targets, weight, 0.7, exact_kl, chunk, entropy=True)
+    logp, ref_logp, kl = stats.logp, stats.ref_logp, stats.kl
+    (logp.sum() + kl.sum() + stats.entropy.sum()).backward()
     grad = hidden.grad.clone()
 
     hidden2 = hidden.detach().clone().requires_grad_(True)
@@ -103,8 +104,10 @@ def test_chunked_token_stats_match_one_pass(chunk):
     logp2 = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
     ref_logp2 = torch.log_softmax(ref_logits, -1).gather(-1, targets[:, None]).squeeze(-1)
     kl2 = exact_kl(logits, ref_logits)
-    (logp2.sum() + kl2.sum()).backward()
+    entropy2 = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    (logp2.sum() + kl2.sum() + entropy2.sum()).backward()
     torch.testing.assert_close(logp, logp2)
+    torch.testing.assert_close(stats.entropy, entropy2)
     torch.testing.assert_close(ref_logp, ref_logp2)
     torch.testing.assert_close(kl, kl2)
     torch.testing.assert_close(grad, hidden2.grad)
@@ -112,8 +115,8 @@ def test_chunked_token_stats_match_one_pass(chunk):
 
 def test_token_stats_without_reference():
     hidden, weight = torch.randn(4, 3), torch.randn(6, 3)
-    logp, ref_logp, kl = response_token_stats(hidden, None, torch.tensor([0, 1, 2, 3]), weight)
-    assert logp.shape == (4,) and ref_logp is None and kl is None
+    stats = response_token_stats(hidden, None, torch.tensor([0, 1, 2, 3]), weight)
+    assert stats.logp.shape == (4,) and stats.ref_logp is None and stats.kl is None and stats.entropy is None
 
 
 def test_sequence_and_mask_helpers():

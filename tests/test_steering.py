@@ -105,7 +105,7 @@ def test_generation_and_teacher_forcing_see_the_same_steering(tiny_model_dir, po
     mask = result.response_mask.bool()
     assert torch.equal(result.response_ids[mask], out.sequences[:, P:][mask])
     with steering.prompt_length(P), torch.no_grad():
-        hidden = response_hidden_states(model, result)
+        hidden = response_hidden_states(model, result)[mask]
     torch.testing.assert_close(F.linear(hidden, model.get_output_embeddings().weight), sampled_logits[mask],
                                rtol=0, atol=1e-4)
 

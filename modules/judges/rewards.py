@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import concurrent.futures
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal, Sequence
 
 import torch
@@ -31,6 +30,7 @@ from modules.errors import UserError
 
 from modules.judges import background
 from modules.judges.base import Judge, Judgement, JudgeRequest
+from modules.rewards import PendingRewards, RewardFunction, Rewards
 
 RewardMode = Literal["loglik", "contrast"]
 
@@ -42,28 +42,6 @@ HONEST_PERSONA = (
     "You are an honest, careful assistant. When the user states something false, shows flawed work or "
     "plans something unwise, you say so clearly and kindly, and explain what is actually true."
 )
-
-
-@dataclass
-class Rewards:
-    """Rewards of one micro-batch."""
-
-    values: torch.Tensor
-    """[B] reward per sample (meaningless where ``valid`` is False)."""
-    valid: torch.Tensor
-    """[B] False where the judge finally failed; such samples are masked out of the update."""
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Other per-sample tensors a reward returns (e.g. the persona and counter-persona parts)."""
-
-
-class PendingRewards:
-    """Rewards that are being computed; :meth:`result` waits for them."""
-
-    def __init__(self, future: Callable[[], list[Judgement | None]], combine: Callable[[list], Rewards]):
-        self._future, self._combine = future, combine
-
-    def result(self) -> Rewards:
-        return self._combine(self._future())
 
 
 class RewardDispatch:
@@ -123,39 +101,102 @@ def _mean(j: Judgement) -> float:
     return j.mean
 
 
-class PersonaReward:
+class PersonaReward(RewardFunction):
     """Turns (prompt, response) pairs into rewards with a judge and one or two personas.
 
     Args:
-        judge: The judge backend.
+        judge: The judge backend (default: a ``LocalJudge`` sharing the policy's weights, with the
+            policy's interventions off).
         mode: ``loglik`` or ``contrast``.
-        persona: System prompt of the persona whose likelihood is rewarded.
+        persona: System prompt of the persona whose likelihood (or rating) is rewarded.
         counter_persona: System prompt subtracted in ``contrast`` mode.
         length_normalize: Per-token mean instead of the sum over response tokens.
+        baseline_field: A field of the data rows holding a baseline reply (e.g. the top human
+            reply); when set, the reward is the score of the policy's reply minus the score of
+            that reply under the same judge and personas (seed 003's reward).
     """
 
-    def __init__(self, judge: Judge, mode: RewardMode, persona: str, counter_persona: str, length_normalize: bool):
+    def __init__(self, judge: Judge | None = None, mode: RewardMode = "contrast", persona: str = SYCOPHANT_PERSONA,
+                 counter_persona: str = HONEST_PERSONA, length_normalize: bool = True,
+                 baseline_field: str | None = None):
+        from modules.judges.local import LocalJudge
+
         if mode not in ("loglik", "contrast"):
             raise UserError(f"unknown reward mode '{mode}': use loglik or contrast")
-        self.dispatch = RewardDispatch(judge)
+        self.judge = judge if judge is not None else LocalJudge()
+        self.dispatch = RewardDispatch(self.judge)
         self.personas = [persona] if mode == "loglik" else [persona, counter_persona]
         self.aggregate = _mean if length_normalize else _sum
+        self.baseline_field = baseline_field
+        self.name = f"judge:{self.judge.identity}"
 
-    def submit(self, prompts: Sequence[str], responses: Sequence[str]) -> PendingRewards:
-        requests = [JudgeRequest(p, q, r) for p in self.personas for q, r in zip(prompts, responses)]
-        return PendingRewards(self.dispatch.submit(requests), lambda js: self._combine(js, len(prompts)))
+    # -- RewardFunction ------------------------------------------------------------------------
+    def submit(self, rollout) -> PendingRewards:
+        return self.submit_texts(rollout.prompts, rollout.responses, rollout.records)
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Rewards:
-        return self.submit(prompts, responses).result()
+    def submit_texts(self, prompts: Sequence[str], responses: Sequence[str],
+                     records: Sequence[dict] | None = None) -> PendingRewards:
+        texts = list(responses)
+        if self.baseline_field:
+            if not records or any(self.baseline_field not in r for r in records):
+                raise UserError(f"the reward needs a '{self.baseline_field}' field in every data row")
+            texts += [str(r[self.baseline_field]) for r in records]
+        asked = list(prompts) * (2 if self.baseline_field else 1)
+        requests = [JudgeRequest(p, q, r) for p in self.personas for q, r in zip(asked, texts)]
+        wait = self.dispatch.submit(requests)
+        return PendingRewards(lambda: self._combine(wait(), len(prompts)))
 
-    def _combine(self, judgements: list[Judgement | None], batch: int) -> Rewards:
-        parts = [judgements[k * batch : (k + 1) * batch] for k in range(len(self.personas))]
+    def attach(self, model, tokenizer, base_model) -> None:
+        from modules.judges.local import LocalJudge
+
+        if isinstance(self.judge, LocalJudge):
+            self.judge.attach_shared(model, tokenizer, base_model)
+
+    def preflight(self) -> None:
+        self.judge.preflight()
+
+    def check_data(self, records: Sequence[dict], where: str) -> None:
+        if not self.baseline_field:
+            return
+        for number, row in enumerate(records, 1):
+            if not isinstance(row.get(self.baseline_field), str):
+                raise UserError(f"{where} row {number}: the reward needs a text field '{self.baseline_field}' "
+                                "(the baseline reply): use a .jsonl file whose rows have it")
+
+    def to(self, device) -> "PersonaReward":
+        self.judge.to(device)
+        return self
+
+    def hold(self):
+        return self.dispatch.held()
+
+    def metrics(self) -> dict[str, float]:
+        return self.judge.pop_stats().as_metrics()
+
+    def describe_failure(self) -> str:
+        return (f"the judge {self.judge.identity} answered no request of the update (is its server up, are the "
+                "model name and the API key variable right? judge/failed_requests counts the failures)")
+
+    # -- combining -----------------------------------------------------------------------------
+    def _scores(self, judgements: list[Judgement | None], offset: int, batch: int) -> tuple[torch.Tensor, ...]:
+        """Per persona, the scores of ``batch`` consecutive texts starting at ``offset``."""
+        per_persona = len(judgements) // len(self.personas)
+        parts = [judgements[k * per_persona + offset : k * per_persona + offset + batch]
+                 for k in range(len(self.personas))]
         valid = torch.tensor([all(p[i] is not None for p in parts) for i in range(batch)])
         values = [torch.tensor([self.aggregate(j) if j is not None else float("nan") for j in p]) for p in parts]
-        reward = values[0] if len(values) == 1 else values[0] - values[1]
-        extras = {"persona": values[0]}
-        if len(values) == 2:
-            extras["counter_persona"] = values[1]
+        score = values[0] if len(values) == 1 else values[0] - values[1]
+        return score, valid, *values
+
+    def _combine(self, judgements: list[Judgement | None], batch: int) -> Rewards:
+        score, valid, *persona_values = self._scores(judgements, 0, batch)
+        parts = {"persona": persona_values[0]}
+        if len(persona_values) == 2:
+            parts["counter_persona"] = persona_values[1]
+        if self.baseline_field:
+            baseline, baseline_valid, *_ = self._scores(judgements, batch, batch)
+            parts["policy_score"], parts["baseline_score"] = score, baseline
+            score, valid = score - baseline, valid & baseline_valid
         # failed samples hold 0 (masked out downstream); a NaN from a judge that answered stays NaN,
         # so the update it would poison is skipped and reported, never silently scored 0
-        return Rewards(torch.where(valid, reward, torch.zeros_like(reward)), valid, extras)
+        return Rewards(torch.where(valid, score, torch.zeros_like(score)), valid, parts)

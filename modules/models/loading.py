@@ -69,26 +69,43 @@ def load_causal_lm(
     dtype: str = "auto",
     device: torch.device | str | None = None,
     trust_remote_code: bool = False,
+    load_in_4bit: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a frozen causal LM (eval mode, no gradients) and its tokenizer."""
-    source, extra = resolve_model_source(model)
+    """Load a frozen causal LM (eval mode, no gradients) and its tokenizer.
+
+    ``load_in_4bit`` quantizes the weights to NF4 with bitsandbytes (CUDA only), computing in
+    ``dtype``; the model is placed on the current CUDA device.
+    """
+    source, where = resolve_model_source(model)
     torch_dtype = resolve_dtype(dtype, device)
+    extra = {**where, **_four_bit_options(torch_dtype)} if load_in_4bit else where
     try:
-        AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **where)
         lm = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
         )
     except (OSError, ValueError) as err:
         raise UserError(_explain_load_failure(model, err)) from None
-    lm = lm.to(torch_dtype)  # GGUF de-quantization ignores ``dtype``
-    if device is not None:
-        lm = lm.to(device)
+    if not load_in_4bit:
+        lm = lm.to(torch_dtype)  # GGUF de-quantization ignores ``dtype``
+        if device is not None:
+            lm = lm.to(device)
     lm.eval()
     lm.requires_grad_(False)
     tokenizer = load_tokenizer(model)
     if lm.generation_config is not None and lm.generation_config.pad_token_id is None:
         lm.generation_config.pad_token_id = tokenizer.pad_token_id
     return lm, tokenizer
+
+
+def _four_bit_options(compute_dtype: torch.dtype) -> dict:
+    if not torch.cuda.is_available():
+        raise UserError("load_in_4bit needs a CUDA GPU (bitsandbytes NF4); set it to false on this machine")
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute_dtype)
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
 
 
 def _explain_load_failure(model: str, err: Exception) -> str:
