@@ -63,9 +63,33 @@ class OracleBatch:
                            self.positions.repeat_interleave(times, 0), self.vectors.repeat_interleave(times, 0),
                            rep(self.layers), rep(self.layer_percents))
 
+    @property
+    def placeholders_from_end(self) -> torch.Tensor:
+        """[B, K] distance of each placeholder from the end of the prompt (``P - position``; -1 unused).
+
+        Unlike ``positions`` it survives adding or dropping left padding (``Rollout.select`` and
+        ``Rollout.concat`` do); :func:`absolute_positions` turns it back for a prompt width.
+        """
+        width = self.input_ids.shape[1]
+        return torch.where(self.positions >= 0, width - self.positions, torch.full_like(self.positions, -1))
+
+    def select(self, rows: torch.Tensor | list[int]) -> "OracleBatch":
+        """The given rows (prompt padding kept as it is)."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        picked = index.tolist()
+        return OracleBatch([self.records[i] for i in picked], [self.prompts[i] for i in picked],
+                           self.input_ids[index], self.attention_mask[index], self.positions[index],
+                           self.vectors[index], [self.layers[i] for i in picked],
+                           [self.layer_percents[i] for i in picked])
+
     def to(self, device) -> "OracleBatch":
         return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
                        positions=self.positions.to(device), vectors=self.vectors.to(device))
+
+
+def absolute_positions(from_end: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    """Placeholder indices for left-padded prompts of width ``prompt_width`` (-1 stays -1)."""
+    return torch.where(from_end >= 0, prompt_width - from_end, torch.full_like(from_end, -1))
 
 
 def choose_percent(record: dict, percents: Sequence[float], seed: int) -> float:

@@ -53,10 +53,8 @@ MAX_POSITIONS = 20
 """Most placeholders one prompt carries (the paper's range is 1-20)."""
 
 FORMAT_SYSTEM_PROMPT = (
-    "Answer in exactly this format: [epistemic status: X] Answer\n"
-    "X is a whole number from 0 to 10: how sure you are that your answer is right. "
-    "0 means a blind guess, 5 means as likely right as wrong, 10 means certain. "
-    "Use the whole range, and give a short answer after the bracket."
+    "Reply in the form [epistemic status: X] Answer. X is a whole number from 0 (a guess) to 10 "
+    "(certain) saying how sure you are that the answer is right. Keep the answer short."
 )
 """Default format system prompt (ours): the SFT'd oracle is trained with it and needs it."""
 
