@@ -83,8 +83,13 @@ def test_norm_matched_delta_by_hand():
     assert torch.allclose(norm_matched_delta(h, v), torch.tensor([0.0, 5.0]))
 
 
-def test_no_injection_during_cached_decoding(tiny_qwen_dir):
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_no_injection_during_cached_decoding(tiny_qwen_dir, wrapped):
     model, tokenizer = _load(tiny_qwen_dir)
+    if wrapped:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
     batch = build_oracle_batch(model, tokenizer, ROWS, num_positions=3)
     injection = ActivationInjection(model)
     lengths = []
