@@ -14,6 +14,13 @@ A data row (see :mod:`datamodules.oracle_data`) holds a ``context`` the subject 
    and shifts the placeholder positions by each row's padding.
 
 :meth:`OracleBatch.repeat` repeats every row G times for GRPO's groups (rows of a group adjacent).
+
+Where we depart from the public code's data pipeline (its datasets pick layers and positions
+per dataset):
+
+1. One layer per row, chosen by a seeded hash of the row (or given by the row), not drawn anew
+   each time a row is used: the same row reads the same layer in every rollout of a run.
+2. Positions default to the last ``num_positions`` context tokens; rows can name others.
 """
 
 from __future__ import annotations

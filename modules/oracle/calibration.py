@@ -12,6 +12,10 @@ or filter first).
   is the count-weighted mean of ``|mean c - mean i|`` over bins.
 - :func:`reliability_diagram`: the table as a PNG (needs matplotlib; without it, one line says it
   was skipped and the function returns False).
+
+Departure from the usual definitions: 1. the target is a graded informativeness in [0, 1], not a
+0/1 outcome, so "Brier" and "ECE" here are their soft-target forms (equal to the usual ones for
+0/1 targets).
 """
 
 from __future__ import annotations

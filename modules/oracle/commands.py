@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 from argparse import ArgumentError
+from contextlib import nullcontext
 from dataclasses import fields
 from typing import get_type_hints
 
@@ -153,7 +154,7 @@ def vibes_check(argv: list[str]) -> None:
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, 1.0)
     out = oracle_rollout(model, tokenizer, batch.repeat(args.samples_per_prompt), injection, sampling, args.seed)
     reward = OracleReward(init.judge or TokenF1Judge(), args.calibration_weight, args.parse_failure_penalty)
-    reward.attach(model, tokenizer, getattr(model, "disable_adapter", None) or torch.no_grad)
+    reward.attach(model, tokenizer, getattr(model, "disable_adapter", None) or nullcontext)
     reward.preflight()
     scores = reward.score(out)
     print(report_text(batch, out.responses, scores, args.samples_per_prompt))

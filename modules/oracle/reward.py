@@ -26,12 +26,20 @@ and ``calibration_error`` ((X/10 - i)^2) hold 0 where the reply did not parse, a
 (the honest ones for calibration: mean confidence, mean informativeness, Brier score) come from
 :meth:`OracleReward.metrics`, once per update. ``features`` carry per-sample ``parsed``,
 ``confidence`` and ``informativeness`` for callbacks (the reliability diagram at checkpoints).
+
+Where we depart from seed 002 (its reward formula is kept as is):
+
+1. The default judge is deterministic (token F1 against the reference answers, see
+   :mod:`modules.oracle.judges`), so the CPU default needs no API; the seed's LLM judge
+   (GLM-4.7-flash over OpenRouter) is the configurable :class:`~modules.oracle.judges.LLMInformativenessJudge`.
+2. A judge failure masks the sample (never a reward of 0); parse failures are penalised, not masked
+   (the argument above).
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, Iterator
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -126,11 +134,8 @@ class OracleReward(RewardFunction):
         self.judge.to(device)
         return self
 
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        with ExitStack() as stack:
-            stack.enter_context(self.judge.hold())
-            yield
+    def hold(self) -> AbstractContextManager:
+        return self.judge.hold()
 
     def metrics(self) -> dict[str, float]:
         """Parse failures by reason, and calibration over the parsed, judged replies since the last call."""
