@@ -38,6 +38,14 @@ def test_token_f1_by_hand():
     assert TokenF1Judge().submit([InformativenessItem("q", "Football!", ("sports", "football"))])() == [1.0]
 
 
+def test_rows_without_question_or_answer_are_refused():
+    from modules.errors import UserError
+
+    OracleReward().check_data(RECORDS, "train data")
+    with pytest.raises(UserError, match="train data row 2: the oracle reward needs 'answer'"):
+        OracleReward().check_data([RECORDS[0], {"question": "q"}], "train data")
+
+
 def test_reward_by_hand():
     assert calibrated_reward(torch.tensor([1.0, 0.4, 0.0]), torch.tensor([10.0, 5.0, 8.0]), 2.0).tolist() == \
         pytest.approx([1.0, 0.4 - 2 * 0.01, -2 * 0.64])

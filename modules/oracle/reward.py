@@ -127,6 +127,13 @@ class OracleReward(RewardFunction):
     def attach(self, model, tokenizer, base_model) -> None:
         self.judge.attach(model, tokenizer, base_model)
 
+    def check_data(self, records, where: str) -> None:
+        """Every row needs a non-empty ``question`` and ``answer`` (what the judge reads)."""
+        for number, row in enumerate(records, 1):
+            missing = [k for k in ("question", "answer") if not isinstance(row.get(k), str) or not row[k].strip()]
+            if missing:
+                raise UserError(f"{where} row {number}: the oracle reward needs {' and '.join(map(repr, missing))}")
+
     def preflight(self) -> None:
         self.judge.preflight()
 
