@@ -78,6 +78,24 @@ def test_injection_changes_exactly_the_placeholders(kind, tiny_llama_dir, tiny_q
     assert batch.positions[0].tolist().count(-1) == 0 and batch.positions[1].tolist().count(-1) == 1
 
 
+def test_injection_travels_with_the_records_through_padding_changes(tiny_llama_dir):
+    from modules.oracle.batch import injection_from_records
+
+    model, tokenizer = _load(tiny_llama_dir)
+    batch = build_oracle_batch(model, tokenizer, ROWS, num_positions=4)
+    records = batch.tagged_records()
+    vectors, positions = injection_from_records(records, batch.input_ids.shape[1])
+    assert torch.equal(positions, batch.positions) and torch.equal(vectors, batch.vectors)
+    # the padded row alone, with its all-padding columns dropped (as Rollout.select does)
+    row = int((batch.attention_mask == 0).sum(-1).argmax())
+    pad = int((batch.attention_mask[row] == 0).sum())
+    assert pad > 0
+    _, alone = injection_from_records(records[row : row + 1], batch.input_ids.shape[1] - pad)
+    ids = batch.input_ids[row, pad:]
+    assert (ids[alone[0][alone[0] >= 0]] == special_token_id(tokenizer)).all()
+    assert "_oracle_vectors" not in ROWS[0]  # the data rows themselves are not changed
+
+
 def test_norm_matched_delta_by_hand():
     h, v = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 2.0])
     assert torch.allclose(norm_matched_delta(h, v), torch.tensor([0.0, 5.0]))

@@ -89,9 +89,39 @@ class OracleBatch:
                            self.vectors[index], [self.layers[i] for i in picked],
                            [self.layer_percents[i] for i in picked])
 
+    def tagged_records(self) -> list[dict]:
+        """Copies of the rows carrying their injection (``_oracle_vectors`` [K, d] and
+        ``_oracle_from_end`` [K]), so that it travels with ``Rollout.records`` through
+        ``Rollout.select``/``concat``; :func:`injection_from_records` reads it back."""
+        from_end = self.placeholders_from_end
+        out = []
+        for k, record in enumerate(self.records):
+            keep = from_end[k] >= 0
+            out.append({**record, VECTORS_KEY: self.vectors[k][keep], FROM_END_KEY: from_end[k][keep]})
+        return out
+
     def to(self, device) -> "OracleBatch":
         return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
                        positions=self.positions.to(device), vectors=self.vectors.to(device))
+
+
+VECTORS_KEY = "_oracle_vectors"
+FROM_END_KEY = "_oracle_from_end"
+
+
+def injection_from_records(records: list[dict], prompt_width: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(vectors [B, K, d], positions [B, K])`` for :meth:`ActivationInjection.inject` from rows made by
+    :meth:`OracleBatch.tagged_records`, for left-padded prompts of width ``prompt_width``."""
+    k = max(len(r[FROM_END_KEY]) for r in records)
+    first = records[0][VECTORS_KEY]
+    vectors = first.new_zeros(len(records), k, first.shape[-1])
+    from_end = torch.full((len(records), k), -1, dtype=torch.long)
+    for i, r in enumerate(records):
+        n = len(r[FROM_END_KEY])
+        vectors[i, :n] = r[VECTORS_KEY]
+        from_end[i, :n] = r[FROM_END_KEY]
+    positions = absolute_positions(from_end, prompt_width)
+    return (vectors, positions) if device is None else (vectors.to(device), positions.to(device))
 
 
 def absolute_positions(from_end: torch.Tensor, prompt_width: int) -> torch.Tensor:
