@@ -82,7 +82,8 @@ def test_injection_travels_with_the_records_through_padding_changes(tiny_llama_d
     from modules.oracle.batch import injection_from_records
 
     model, tokenizer = _load(tiny_llama_dir)
-    batch = build_oracle_batch(model, tokenizer, ROWS, num_positions=4)
+    longer = dict(ROWS[0], question="In a few words, what is this text mostly about, and how can you tell?")
+    batch = build_oracle_batch(model, tokenizer, ROWS + [longer], num_positions=4)
     records = batch.tagged_records()
     vectors, positions = injection_from_records(records, batch.input_ids.shape[1])
     assert torch.equal(positions, batch.positions) and torch.equal(vectors, batch.vectors)
