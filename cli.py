@@ -5,7 +5,10 @@
     python cli.py fit --config configs/steering_rl.yaml --print_config   # show every field
     python cli.py generate --vector RUN/steering_vector.pt --prompt "..."   # replies, vector off and on
     python cli.py evaluate --vector RUN/steering_vector.pt               # held-out report
+    python cli.py sarm-build|sarm-pairs|sarm-human-latents|sarm-features|sarm-probe|sarm-best-of-n ...
+    python cli.py oracle-sft|vibes-check ...                             # the activation oracle's tools
 
+Every tool takes --help.
 A run lives in ``<output_dir>/<run_name>/``: the resolved ``config.yaml``, ``metrics.csv``,
 ``checkpoints/``, ``vectors/``, ``steering_vector.pt``, ``curves.png`` and held-out reports.
 Problems a user can fix end the program with one line on stderr and exit status 2.
@@ -21,7 +24,18 @@ from pathlib import Path
 
 from modules.errors import UserError, describe_config_error
 
-TOOLS = ("generate", "evaluate")
+TOOLS = {  # subcommand -> "module:function(argv)"
+    "generate": "modules.tools:generate",
+    "evaluate": "modules.tools:evaluate",
+    "sarm-build": "modules.sarm.tools:sarm_build",
+    "sarm-pairs": "modules.sarm.tools:sarm_pairs",
+    "sarm-human-latents": "modules.sarm.tools:sarm_human_latents",
+    "sarm-features": "modules.sarm.tools:sarm_features",
+    "sarm-probe": "modules.sarm.tools:sarm_probe",
+    "sarm-best-of-n": "modules.sarm.tools:sarm_best_of_n",
+    "oracle-sft": "modules.oracle.commands:oracle_sft",
+    "vibes-check": "modules.oracle.commands:vibes_check",
+}
 METHODS = ["modules.steering_rl.SteeringVectorRL", "modules.ppo.PPO"]
 DATAMODULES = ["datamodules.prompts.PromptDataModule"]
 
@@ -155,9 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     _quiet_known_warnings()
     try:
         if args and args[0] in TOOLS:
-            from modules import tools
+            import importlib
 
-            getattr(tools, args[0])(args[1:])
+            module_name, function = TOOLS[args[0]].split(":")
+            getattr(importlib.import_module(module_name), function)(args[1:])
         elif args[:1] == ["fit"] and ("--help" in args or "-h" in args):
             print_fit_help(args)
         else:

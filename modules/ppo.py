@@ -155,7 +155,7 @@ class PPO(OnPolicyModule):
         self._check_options(kl_estimator, kl_coef, gamma, lam, clip_range, clip_range_value, value_coef, entropy_coef,
                             ppo_epochs, num_minibatches, target_kl, rollouts, logit_chunk_tokens)
         self.model_name, self.adapter_path = model, adapter_path
-        base, self.tokenizer = load_causal_lm(model, dtype, load_in_4bit=load_in_4bit)
+        base, self.tokenizer = self.load_base(model, dtype, load_in_4bit)
         self.tokenizer.padding_side = "left"
         self.lora = LoRAPolicy(base, adapter_path, lora_r, lora_alpha, lora_dropout, lora_target_modules)
         self.policy = self.lora.model
@@ -176,6 +176,10 @@ class PPO(OnPolicyModule):
         self.value_detach_trunk, self.lora_dropout = value_detach_trunk, lora_dropout
         self.logit_chunk_tokens = logit_chunk_tokens
         self._advantage_metrics: dict[str, float] = {}
+
+    def load_base(self, model: str, dtype: str, load_in_4bit: bool):
+        """The frozen base model and its tokenizer (a subclass may build them another way, e.g. benchmarks)."""
+        return load_causal_lm(model, dtype, load_in_4bit=load_in_4bit)
 
     def _check_options(self, kl_estimator, kl_coef, gamma, lam, clip_range, clip_range_value, value_coef,
                        entropy_coef, ppo_epochs, num_minibatches, target_kl, rollouts, logit_chunk_tokens) -> None:
