@@ -243,6 +243,7 @@ class OnPolicyModule(L.LightningModule):
         self.updates_without_signal = 0
         self._without_signal_in_a_row = 0
         self.last_experiences: list[Experience] = []
+        self._warned_flat = False
         self.batch_judge_calls = False  # set by the JudgeBatching callback
         self._timings: dict[str, float] = {}
 
@@ -472,10 +473,23 @@ class OnPolicyModule(L.LightningModule):
             "rollout/tokens_per_s": tokens / max(gen_seconds, 1e-9),
             "judge/failed": float((~valid).sum()),
         }
+        self._warn_if_rewards_are_flat(rewards, valid)
         for name in experiences[0].rewards.parts:
             values = torch.cat([e.rewards.parts[name] for e in experiences])
             metrics[f"reward/{name}"] = float(masked_mean(values, valid)) if valid.any() else float("nan")
         return metrics
+
+    def _warn_if_rewards_are_flat(self, rewards: torch.Tensor, valid: torch.Tensor) -> None:
+        """Once per run: every valid reward of a rollout batch equal means there is nothing to learn from."""
+        if self._warned_flat or int(valid.sum()) < 2:
+            return
+        values = rewards[valid]
+        if bool((values == values[0]).all()):
+            self._warned_flat = True
+            log.warning("every reward of update %d is %.4g: advantages are 0 and the policy learns nothing from "
+                        "them. Check the reward (a rating judge whose digits get negligible probability, or a "
+                        "judge that ignores the reply, gives one value to everything)",
+                        self.rollout_batches_done + 1, float(values[0]))
 
     # -- optimizer and checkpoints -------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

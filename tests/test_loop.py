@@ -245,3 +245,16 @@ def test_experience_rows_select_and_concat_with_their_padding():
     assert picked.rollout.response_ids.tolist() == [[5, 0], [3, 4]]  # the all-padding column is gone
     assert picked.scores["logp"].shape == (2, 2) and picked.rollout.records == [{"i": 2}, {"i": 1}]
     assert picked.rewards.values.tolist() == [2.0, 1.0]
+
+
+def test_flat_rewards_are_reported_once(tiny_llama_dir, tmp_path, caplog):
+    class ConstantJudge(LengthJudge):
+        async def _score_uncached(self, requests):
+            from modules.judges.base import Judgement
+
+            return [Judgement(1.0, 1) for _ in requests]
+
+    module = tiny_module(tiny_llama_dir, judge=ConstantJudge(), total_updates=2)
+    with caplog.at_level(logging.WARNING):
+        fit(module, tmp_path)
+    assert caplog.text.count("learns nothing") == 1
