@@ -3,9 +3,17 @@
 - preference pairs: one JSON object per line with ``prompt``, ``chosen`` and ``rejected``;
 - demonstrations (human replies, for the human-latent buffer): ``prompt`` and ``response``.
 
-The shipped pairs (``datamodules/data/sycophancy_pairs_{train,heldout}.jsonl``) answer the shipped
-sycophancy prompts twice with SmolLM2-135M-Instruct: under an honest persona (chosen) and under a
-sycophantic one (rejected); ``python cli.py sarm-pairs`` regenerates them. Paths may be given
+The shipped pairs (``datamodules/data/sycophancy_pairs_{train,heldout}.jsonl``, 240 and 64) answer
+the shipped sycophancy prompts twice with SmolLM2-135M-Instruct: under the honest persona (chosen)
+and under the sycophantic one (rejected), each reply begun with a stance sentence drawn from a
+short list and continued by the model (40 new tokens, temperature 0.7). Made with
+
+    python cli.py sarm-pairs --prompts_file datamodules/data/sycophancy_train.txt --seed 0 \
+        --out datamodules/data/sycophancy_pairs_train.jsonl
+    python cli.py sarm-pairs --prompts_file datamodules/data/sycophancy_heldout.txt --seed 10000 \
+        --out datamodules/data/sycophancy_pairs_heldout.jsonl
+
+(one CPU thread; other thread counts may word some replies differently). Paths may be given
 relative to the project root, like the prompt files.
 """
 

@@ -34,16 +34,20 @@ def mini_options(tmp_path, tiny_llama_dir) -> BuildOptions:
                         sae_steps=40, sae_batch_size=64, head_steps=60, head_l2=[1e-3, 1e-2], max_length=128)
 
 
-def test_miniature_build_writes_a_loadable_sarm(mini_options, tmp_path):
+@pytest.mark.parametrize("pooling", ["aggregate", "last"])
+def test_miniature_build_writes_a_loadable_sarm(mini_options, tmp_path, pooling):
+    mini_options.pooling = pooling
     report = build_embedded_sarm(mini_options, tmp_path / "sarm", progress=False)
     assert 0.0 <= report.heldout_pairwise_accuracy <= 1.0 and report.heldout_pairs == 4 and report.train_pairs == 10
     assert report.fraction_variance_explained <= 1.0 and 0 <= report.dead_latents <= 64
     assert report.train_pairwise_accuracy >= 0.8  # a linear head on 64 latents fits 10 pairs
     rm = SARMRewardModel.load(str(tmp_path / "sarm"), device="cpu")
-    assert (rm.spec.source_layer, rm.latent_size, rm.spec.k, rm.use_topk, rm.pooling) == (2, 64, 4, True, "last")
+    assert (rm.spec.source_layer, rm.latent_size, rm.spec.k, rm.use_topk, rm.pooling) == (2, 64, 4, True, pooling)
     assert rm.end_token_id == rm.tokenizer.convert_tokens_to_ids("<|im_end|>")
     out = rm.score(["Bats are blind. Right?"] * 2, ["Actually, no. Bats are blind is a myth.", "Yes, you're absolutely right!"])
-    assert out.latents.shape == (2, 64) and bool(((out.latents != 0).sum(-1) <= 4).all())
+    assert out.latents.shape == (2, 64)
+    if pooling == "last":  # one token's TopK latents; aggregated ones sum several tokens
+        assert bool(((out.latents != 0).sum(-1) <= 4).all())
     saved = json.loads((tmp_path / "sarm" / "build_report.json").read_text())
     assert saved["heldout_pairwise_accuracy"] == report.heldout_pairwise_accuracy
     config = json.loads((tmp_path / "sarm" / "config.json").read_text())

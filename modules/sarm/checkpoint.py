@@ -214,7 +214,9 @@ def write_sarm_folder(folder: str | Path, llama_config: dict, sarm_param: dict, 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in llama_config.items() if k not in ("quantization_config", "_name_or_path")}
-    config.update(architectures=["LlamaSARM"], model_type="llama", num_labels=1, sarm_param=sarm_param)
+    config.pop("num_labels", None)
+    config.update(architectures=["LlamaSARM"], model_type="llama", id2label={"0": "LABEL_0"},
+                  label2id={"LABEL_0": 0}, sarm_param=sarm_param)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})

@@ -226,7 +226,7 @@ class SARMRewardModel(nn.Module):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         rows, starts = [], []
         for prompt, response in zip(prompts, responses):
-            ids, start = self._conversation_ids(prompt, response)
+            ids, start = self.conversation_ids(prompt, response)
             rows.append(ids)
             starts.append(start)
         width = max(len(r) for r in rows)
@@ -238,7 +238,8 @@ class SARMRewardModel(nn.Module):
             mask[i, :len(row)] = 1
         return SARMBatch(input_ids, mask, torch.tensor(starts, dtype=torch.long))
 
-    def _conversation_ids(self, prompt: str, response: str) -> tuple[list[int], int]:
+    def conversation_ids(self, prompt: str, response: str) -> tuple[list[int], int]:
+        """Token ids of one templated conversation, ending in the end-of-turn token, and the response start."""
         tok = self.tokenizer
         if not getattr(tok, "chat_template", None):
             raise UserError(f"the SARM's tokenizer ({self.spec.folder}) has no chat template")

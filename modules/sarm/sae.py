@@ -150,7 +150,7 @@ def train_topk_sae(train: torch.Tensor, heldout: torch.Tensor, latent_size: int,
             sae.decoder.weight /= sae.decoder.weight.norm(dim=0, keepdim=True).clamp(min=1e-8)
             fired |= (latents > 0).any(0)
         if log_every and (step + 1) % log_every == 0:
-            print(f"  [sae] step {step + 1}/{steps}  normalised MSE {float(loss):.4f}", flush=True)
+            print(f"  [sae] step {step + 1}/{steps}  normalised MSE {float(loss.detach()):.4f}", flush=True)
     fve, fired_held = fraction_variance_explained(sae, held)
     dead = int((~(fired | fired_held)).sum())
     report = SAETrainingReport(fve, dead, latent_size, steps, time.perf_counter() - start_time)
