@@ -185,3 +185,14 @@ def test_topk_without_k_asks_for_it(authors_folder, tmp_path):
         SARMRewardModel.load(str(folder), device="cpu")
     assert SARMRewardModel.load(str(folder), device="cpu", k=8).spec.k == 8
     assert not SARMRewardModel.load(str(folder), device="cpu", score_mode="dense").use_topk
+
+
+def test_embedded_names_and_files_as_sources(tmp_path):
+    from modules.sarm.checkpoint import resolve_sarm_source
+
+    with pytest.raises(UserError, match="unknown embedded SARM 'nope': known ones are sarm-smollm2"):
+        resolve_sarm_source("embedded:nope")
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"")
+    with pytest.raises(UserError, match="is a file: point at a SARM folder"):
+        resolve_sarm_source(str(file))

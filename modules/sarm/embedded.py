@@ -84,6 +84,22 @@ class BuildOptions:
     seed: int = 0
 
 
+BUILD_OPTION_HELP = {
+    "base": "Base chat model: embedded:smollm2, a folder, or a Hub id (its first layers become the backbone).",
+    "source_layer": "L: decoder layers before the SAE (it reads the residual stream after layer L-1).",
+    "latent_size": "SAE latents.", "k": "Latents kept per token (TopK).",
+    "score_mode": "topk (the head reads TopK latents) or dense (pre-activations).",
+    "pooling": "aggregate (sum over the response's tokens) or last (the end-of-turn token).",
+    "train_pairs": "Training preference pairs (JSONL: prompt, chosen, rejected).",
+    "heldout_pairs": "Held-out pairs, only measured on.", "max_train_pairs": "Use at most this many training pairs (0: all).",
+    "sae_steps": "SAE training steps.", "sae_batch_size": "Tokens per SAE step.", "sae_lr": "SAE Adam learning rate.",
+    "head_steps": "Score-head training steps (full batch).", "head_lr": "Score-head Adam learning rate.",
+    "head_l2": "L2 strengths tried for the head (picked on a validation fifth of the training pairs).",
+    "max_length": "Longest conversation in tokens.", "forward_batch_size": "Conversations per backbone pass.",
+    "seed": "Seed of the SAE, the head and the validation split.",
+}
+
+
 @dataclass
 class BuildReport:
     fraction_variance_explained: float

@@ -56,3 +56,43 @@ def write_random_sarm(folder: str | Path, hidden_size: int = 64, layers: int = 2
                   "sarm_use_activation": use_topk, "pooling": pooling, "eot_token_id": int(end_token_id)}
     tensors = random_sarm_tensors(llama_config, layers, latent_size, seed)
     return write_sarm_folder(folder, llama_config, sarm_param, tensors, tokenizer)
+
+
+def random_sarm_model(llama_config: dict, source_layer: int, latent_size: int, k: int,
+                      dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda", use_topk: bool = True,
+                      pooling: str = "last", end_token_id: int = 128009, tokenizer=None, seed: int = 0):
+    """A SARM with random weights built directly on ``device`` (no folder): memory and speed checks
+    at full size, e.g. ``LLAMA_31_8B`` with ``source_layer=16, latent_size=65536, k=192`` (SARM-4B)."""
+    from pathlib import Path as _Path
+
+    from torch import nn
+    from transformers import LlamaConfig, LlamaModel
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from modules.sarm.checkpoint import SARMSpec
+    from modules.sarm.model import SARMRewardModel
+    from modules.sarm.sae import TopKSAE
+
+    config = LlamaConfig.from_dict({**llama_config, "num_hidden_layers": source_layer})
+    torch.manual_seed(seed)
+    with torch.device(device):
+        backbone = LlamaModel(config).to(dtype)
+        sae = TopKSAE(config.hidden_size, latent_size, k).to(dtype)
+        score = nn.Linear(latent_size, 1, bias=False).to(dtype)
+        with torch.no_grad():
+            for p in (sae.encoder.weight, sae.decoder.weight):
+                p.normal_(0, p.shape[1] ** -0.5)
+            score.weight.normal_(0, 1)
+    backbone.norm = nn.Identity()
+    backbone.rotary_emb = LlamaRotaryEmbedding(config).to(device)
+    spec = SARMSpec(_Path("<random>"), config.to_dict(), source_layer, config.hidden_size, latent_size, k, use_topk,
+                    pooling, end_token_id, {"sae_latent_size": latent_size, "sae_k": k})
+    return SARMRewardModel(spec, backbone, sae, score, tokenizer)
+
+
+LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                   rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128009,
+                   rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"})
+"""The shapes of Llama-3.1-8B-Instruct, whose first 16 layers are SARM-4B's backbone."""

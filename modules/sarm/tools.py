@@ -67,14 +67,14 @@ def _write_json(path: str | None, payload: dict) -> None:
 
 def sarm_build(argv: list[str]) -> None:
     """Build the embedded SARM (SAE + Bradley-Terry head on SmolLM2) and print its figures."""
-    from modules.sarm.embedded import BuildOptions, build_cached, build_embedded_sarm
+    from modules.sarm.embedded import BUILD_OPTION_HELP, BuildOptions, build_cached, build_embedded_sarm
 
     parser = _parser("sarm-build", "Build a SARM in miniature: TopK SAE on a middle layer, then a Bradley-Terry head.")
     defaults = BuildOptions()
     for f in fields(BuildOptions):
         value = getattr(defaults, f.name)
         kind = list[float] if isinstance(value, list) else type(value)
-        parser.add_argument(f"--{f.name}", type=kind, default=value, help=f"Build option {f.name}.")
+        parser.add_argument(f"--{f.name}", type=kind, default=value, help=BUILD_OPTION_HELP.get(f.name, f.name))
     parser.add_argument("--output", type=str | None, default=None,
                         help="Write the folder here (default: the cache that embedded:sarm-smollm2 reads).")
     parser.add_argument("--rebuild", type=bool, default=False, help="Build again even if the cache holds this build.")
