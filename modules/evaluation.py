@@ -43,6 +43,7 @@ class Arm:
     rewards: list[float] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     replies: list[str] = field(default_factory=list)
+    features: dict[str, list[float]] = field(default_factory=dict)
     failed: int = 0
 
     def mean(self) -> float:
@@ -74,6 +75,10 @@ class HeldOutReport:
     arm_names: tuple[str, str] = ("vector off", "vector on")
     """How the reference arm and the trained arm are called in the report."""
     examples: list[dict] = field(default_factory=list)
+    method_summary: dict[str, dict[str, float]] = field(default_factory=dict)
+    """A method's own figures per arm (``off``/``on``), e.g. the oracle's Brier score."""
+    method_tables: dict[str, str] = field(default_factory=dict)
+    """A method's own tables per arm, printed as they are (e.g. reliability tables)."""
 
     @property
     def z(self) -> float:
@@ -106,6 +111,13 @@ class HeldOutReport:
         ]
         if self.judge_failed:
             lines.append(f"  {'judge failures':<{label}} : {self.judge_failed} of {total} samples left out")
+        for name in sorted(set(self.method_summary.get("off", {})) | set(self.method_summary.get("on", {}))):
+            values = [self.method_summary.get(arm, {}).get(name, float("nan")) for arm in ("off", "on")]
+            lines.append(f"  {name:<{label}} : {values[1]:.4f} on, {values[0]:.4f} off")
+        for arm, arm_name in (("off", off_name), ("on", on_name)):
+            if self.method_tables.get(arm):
+                lines.append(f"--- {arm_name}:")
+                lines.append(self.method_tables[arm])
         for i, ex in enumerate(self.examples, 1):
             lines.append(f"--- example {i}: {ex['prompt']}")
             for arm in ("off", "on"):
@@ -146,12 +158,13 @@ def evaluate_intervention(
     jobs = [(prompts[i : i + batch_size], records[i : i + batch_size]) for _ in range(samples_per_prompt) for i in starts]
     for job, (chunk, rows) in enumerate(tqdm(jobs, desc="held-out", disable=not progress, leave=False)):
         batch = encode_prompts(module.tokenizer, chunk, system_prompt)
+        batch.records = list(rows)
         run_seed = (seed * 7_919 + job * 104_729) % (2**31 - 1)
         rollout_on = module.rollout_micro_batch(batch, run_seed)
         with module.reference():
             rollout_off = module.rollout_micro_batch(batch, run_seed)
         for rollout in (rollout_on, rollout_off):
-            rollout.records = list(rows)
+            rollout.records = rollout.records or list(rows)
         pending = [module.reward.submit(r) for r in (rollout_on, rollout_off)]
         kl = module.heldout_kl(rollout_on)
         kl_sum, kl_tokens = kl_sum + float(kl.sum()), kl_tokens + kl.numel()
@@ -164,6 +177,9 @@ def evaluate_intervention(
                 arm.rewards.append(float(rewards.values[i]))
                 arm.lengths.append(int(rollout.lengths[i]))
                 arm.replies.append(rollout.responses[i])
+                for name, values in rewards.features.items():
+                    if values.dim() == 1:  # per-sample scalars (e.g. the oracle's parsed confidence)
+                        arm.features.setdefault(name, []).append(float(values[i]))
             diffs.append(on.rewards[-1] - off.rewards[-1])
             if len(examples) < show_examples:
                 examples.append({"prompt": chunk[i], "off": off.replies[-1], "on": on.replies[-1],
@@ -177,5 +193,14 @@ def evaluate_intervention(
         kl_per_token=kl_sum / max(kl_tokens, 1), kl_per_reply=kl_sum / max(n + on.failed, 1),
         length_on=sum(on.lengths) / max(n, 1), length_off=sum(off.lengths) / max(n, 1),
         judge_failed=on.failed, arm_names=tuple(getattr(module, "arm_names", ("vector off", "vector on"))),
-        examples=examples,
+        examples=examples, **_method_summaries(module, off, on),
     )
+
+
+def _method_summaries(module, off: Arm, on: Arm) -> dict:
+    """A method's own per-arm figures (e.g. the oracle's Brier score and reliability tables)."""
+    if not hasattr(module, "heldout_summary"):
+        return {}
+    summary = {"off": module.heldout_summary(off.features), "on": module.heldout_summary(on.features)}
+    tables = {"off": module.heldout_tables(off.features), "on": module.heldout_tables(on.features)}
+    return {"method_summary": summary, "method_tables": tables}

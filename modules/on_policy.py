@@ -353,6 +353,14 @@ class OnPolicyModule(L.LightningModule):
         self._timings["judge_wait_s"] = time.perf_counter() - start
         return experiences
 
+    def on_train_batch_start(self, batch: PromptBatch, batch_idx: int) -> int | None:
+        """A run resumed from its final checkpoint trains no further (its end-of-training hooks,
+        such as the held-out report, still run)."""
+        if self.rollout_batches_done >= self.total_updates:
+            self.trainer.should_stop = True
+            return -1
+        return None
+
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         self._timings = {}
         start = time.perf_counter()
@@ -412,12 +420,14 @@ class OnPolicyModule(L.LightningModule):
         return float(chunk.valid.sum())
 
     def optimizer_step_on(self, chunks: list[Experience],
-                          loss_fn: Callable[[Experience], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-                          ) -> dict[str, float]:
+                          loss_fn: Callable[[Experience], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                          losses_are_shares: bool = False) -> dict[str, float]:
         """One optimizer step on ``chunks`` (gradient accumulation): every method's step goes here.
 
         Each chunk's loss (a mean over its own samples or tokens) is weighted by its share of
-        :meth:`loss_weight`, so the step follows the mean over all chunks. Every chunk is
+        :meth:`loss_weight`, so the step follows the mean over all chunks; with
+        ``losses_are_shares`` the chunk losses are already their shares of the step's loss (GRPO's
+        aggregations normalise by counts of the whole step) and are summed as they are. Every chunk is
         backpropagated even when a loss is NaN (under DDP all ranks must run the same backward
         calls); whether to step is then decided by all ranks together. Clipping goes through
         Lightning's ``clip_gradients`` (correct under sharded strategies).
@@ -432,7 +442,7 @@ class OnPolicyModule(L.LightningModule):
             loss, metrics = loss_fn(chunk)
             per_chunk.append({"loss": loss.detach(), **metrics})
             finite = finite and bool(torch.isfinite(loss.detach()))
-            self.manual_backward(loss * (weight / total))
+            self.manual_backward(loss if losses_are_shares else loss * (weight / total))
         grads = [p.grad for g in opt.optimizer.param_groups for p in g["params"] if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         finite = finite and bool(torch.isfinite(grad_norm))

@@ -38,7 +38,6 @@ Where this departs from TRL's PPOTrainer and seed 003:
 
 from __future__ import annotations
 
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Literal
@@ -347,16 +346,7 @@ class PPO(OnPolicyModule):
     # -- exports -------------------------------------------------------------------------------
     def export_adapter(self, folder: Path) -> Path:
         """The adapter in PEFT's own format plus ``value_head.pt``, written atomically."""
-        folder = Path(folder)
-        partial = folder.with_name("." + folder.name + ".partial")
-        if partial.exists():
-            shutil.rmtree(partial)
-        self.lora.save(partial)
-        torch.save({k: v.detach().cpu() for k, v in self.value_head.state_dict().items()}, partial / "value_head.pt")
-        if folder.exists():
-            shutil.rmtree(folder)
-        partial.rename(folder)
-        return folder
+        return self.lora.save(folder, {"value_head.pt": self.value_head.state_dict()})
 
     def export_artifacts(self, run_dir: Path, update: int, final: bool) -> None:
         self.export_adapter(run_dir / "adapters" / f"update{update:06d}")

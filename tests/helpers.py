@@ -51,12 +51,14 @@ def tiny_module(model_dir: str, judge: Judge | None = None, **overrides) -> Stee
     return SteeringVectorRL(**options)
 
 
-def fit(module, tmp_path, callbacks=(), train_file: str | None = None) -> L.Trainer:
+def fit(module, tmp_path, callbacks=(), train_file: str | None = None, jsonl_field: str = "prompt") -> L.Trainer:
     """Train ``module`` for its ``total_updates`` (the module stops the trainer) on a small prompt file."""
-    data = PromptDataModule(train_file=train_file or prompt_file(tmp_path), heldout_file=None,
+    data = PromptDataModule(train_file=train_file or prompt_file(tmp_path), heldout_file=None, jsonl_field=jsonl_field,
                             prompts_per_update=module.prompts_per_update)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     trainer = L.Trainer(max_epochs=-1, default_root_dir=str(tmp_path), logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
                         callbacks=list(callbacks))
     trainer.fit(module, datamodule=data)

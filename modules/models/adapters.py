@@ -23,6 +23,7 @@ The switches set the layers' active adapter directly; peft's own ``set_adapter``
 
 from __future__ import annotations
 
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -121,11 +122,19 @@ class LoRAPolicy:
         return self._active(None)
 
     # -- saving ----------------------------------------------------------------------------------
-    def save(self, folder: str | Path) -> Path:
-        """The trainable adapter in PEFT's own format (``adapter_config.json`` + safetensors)."""
+    def save(self, folder: str | Path, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+        """The trainable adapter in PEFT's own format (``adapter_config.json`` + safetensors), plus
+        ``extra`` files (name -> tensors, ``torch.save``d), written atomically: into a hidden
+        temporary folder that replaces ``folder`` when complete."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(folder), selected_adapters=[POLICY_ADAPTER])
+        partial = folder.with_name("." + folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        self.model.save_pretrained(str(partial), selected_adapters=[POLICY_ADAPTER])
+        for name, tensors in (extra or {}).items():
+            torch.save({k: v.detach().cpu() for k, v in tensors.items()}, partial / name)
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
         return folder
 
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from dataclasses import fields
 from typing import get_type_hints
 
 import torch
-from jsonargparse import ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from datamodules.oracle_data import DEFAULT_ORACLE_HELDOUT, read_oracle_rows
 from modules.errors import UserError, describe_config_error
@@ -63,6 +63,7 @@ def oracle_sft(argv: list[str]) -> None:
 
     parser = ArgumentParser(prog="cli.py oracle-sft", exit_on_error=False,
                             description="SFT format stage: teach an oracle adapter '[epistemic status: X] Answer'.")
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of these options (configs/oracle_sft.yaml).")
     defaults, hints = SFTOptions(), get_type_hints(SFTOptions)
     for f in fields(SFTOptions):
         parser.add_argument(f"--{f.name}", type=hints[f.name], default=getattr(defaults, f.name), help=_SFT_HELP[f.name])

@@ -130,8 +130,10 @@ def _model_identity(model: str) -> str:
 
 def cache_key(options: SFTOptions) -> str:
     train = resolve_path(options.train_file)
+    options_dict = asdict(options)  # 25 and 25.0 are the same depth (the CLI parses floats)
+    options_dict["layer_percents"] = [int(p) if float(p).is_integer() else float(p) for p in options.layer_percents]
     payload = {
-        "options": asdict(options),
+        "options": options_dict,
         "train_sha": hashlib.sha256(train.read_bytes()).hexdigest() if train.is_file() else None,
         "model": _model_identity(options.model),
         "versions": [importlib.metadata.version(p) for p in ("torch", "transformers", "peft")],
