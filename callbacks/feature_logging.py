@@ -54,7 +54,8 @@ def feature_statistics(latents: torch.Tensor, controlled: dict[int, float], top_
             stats[f"features/{feature}/mean"] = float(column.mean())
     fired = latents > 0
     rates, means = fired.float().mean(0), latents.mean(0)
-    order = sorted(range(latents.shape[1]), key=lambda i: (-float(rates[i]), -float(means[i])))[:top_k]
+    by_mean = torch.sort(means, descending=True, stable=True).indices
+    order = by_mean[torch.sort(rates[by_mean], descending=True, stable=True).indices][:top_k].tolist()
     for rank, feature in enumerate(order, 1):
         stats[f"features/top{rank}/id"] = float(feature)
         stats[f"features/top{rank}/rate"] = float(rates[feature])

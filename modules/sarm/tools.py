@@ -47,7 +47,7 @@ def _add_sarm(parser: ArgumentParser) -> None:
     parser.add_argument("--sarm", type=str, default=DEFAULT_SARM, help="SARM folder, embedded:sarm-smollm2, or Hub id.")
     parser.add_argument("--dtype", type=str, default="auto", help="auto (bf16 on a GPU, fp32 on the CPU), bfloat16, float32.")
     parser.add_argument("--batch_size", type=int, default=8, help="Sequences per SARM forward pass.")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default).")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default; 1 is faster on a busy machine).")
 
 
 def _load_sarm(args):
@@ -78,7 +78,7 @@ def sarm_build(argv: list[str]) -> None:
     parser.add_argument("--output", type=str | None, default=None,
                         help="Write the folder here (default: the cache that embedded:sarm-smollm2 reads).")
     parser.add_argument("--rebuild", type=bool, default=False, help="Build again even if the cache holds this build.")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default).")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default; 1 is faster on a busy machine).")
     args = _parse(parser, argv)
     _threads(args.threads)
     options = BuildOptions(**{f.name: getattr(args, f.name) for f in fields(BuildOptions)})
