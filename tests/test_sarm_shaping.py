@@ -63,7 +63,7 @@ def test_discriminator_separates_two_shifted_gaussians():
     human, policy = _gaussians(4000, dim, shift, seed=0)
     disc = DensityRatioDiscriminator(dim, hidden=64, lr=3e-3, batch_size=256, seed=0)
     disc.fit_scaler(human)
-    for _ in range(400):
+    for _ in range(250):
         metrics = disc.train_step(human, policy)
     test_human, test_policy = _gaussians(4000, dim, shift, seed=1)
     with torch.no_grad():
