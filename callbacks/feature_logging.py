@@ -21,7 +21,6 @@ from typing import Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
 
 def gather_latents(experiences: Sequence, key: str = "latents") -> torch.Tensor | None:
@@ -106,20 +105,21 @@ class FeatureActivationLogger(L.Callback):
                 merged.update(inner.controlled_features())
         return merged or None
 
-    @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_updates > 1 and step % self.every_n_updates:
+        update = pl_module.rollout_batches_done
+        if self.every_n_updates > 1 and update % self.every_n_updates:
             return
         latents = gather_latents(getattr(pl_module, "last_experiences", []) or [], self.key)
         if latents is None or latents.numel() == 0:
             return
         controlled = self.controlled(pl_module)
-        stats = feature_statistics(latents, controlled, self.top_k)
-        for logger in trainer.loggers:
-            if self.histograms and type(logger).__name__ == "WandbLogger":
-                self._histograms(logger, latents, controlled, step)
-            logger.log_metrics(stats, step=step)
+        # into the update's own row of metrics.csv / TensorBoard / W&B (this rank's rollouts)
+        pl_module.log_dict(feature_statistics(latents, controlled, self.top_k), on_step=True, on_epoch=False,
+                           batch_size=1)
+        if self.histograms and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if type(logger).__name__ == "WandbLogger":
+                    self._histograms(logger, latents, controlled, update)
 
     @staticmethod
     def _histograms(logger, latents: torch.Tensor, controlled: dict[int, float], step: int) -> None:
@@ -128,4 +128,4 @@ class FeatureActivationLogger(L.Callback):
         payload = {f"features/{f}/values": wandb.Histogram(latents[:, f].numpy())
                    for f in controlled if 0 <= f < latents.shape[1]}
         payload["features/rates_all_latents"] = wandb.Histogram((latents > 0).float().mean(0).numpy())
-        logger.experiment.log({**payload, "trainer/global_step": step})
+        logger.experiment.log({**payload, "update": step})

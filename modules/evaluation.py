@@ -85,8 +85,18 @@ class HeldOutReport:
         """Difference in Welch standard errors (nan without a standard error)."""
         return self.difference / self.difference_se if self.difference_se > 0 else float("nan")
 
+    @property
+    def verdict(self) -> str:
+        """What the comparison supports, in words (a standard error only where one exists)."""
+        if self.samples_per_arm == 0:
+            return "no judge answers"
+        if self.difference_se > 0:
+            return f"{self.z:+.1f} SE (Welch)"
+        reason = "one sample" if self.samples_per_arm < 2 else "identical rewards within each arm"
+        return f"too few samples for a standard error: {reason}"
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "verdict": self.verdict}
 
     def format(self, width: int = 100) -> str:
         off_name, on_name = self.arm_names
@@ -99,12 +109,13 @@ class HeldOutReport:
             difference = (f"{self.difference:+.4f} ± {self.difference_se:.4f} (Welch; {self.z:+.1f} SE),"
                           f" paired SE {self.paired_se:.4f}")
         else:
-            reason = "one sample" if self.samples_per_arm < 2 else "identical rewards in both arms"
-            difference = f"{self.difference:+.4f} (too few samples for a standard error: {reason})"
+            difference = f"{self.difference:+.4f} ({self.verdict})"
+        one = self.samples_per_arm < 2  # one sample has no spread: no "± 0"
+        se_off, se_on = ("", "") if one else (f" ± {self.reward_off_se:.4f}", f" ± {self.reward_on_se:.4f}")
         lines = [
             f"held-out evaluation: {self.samples_per_arm} samples per arm (same prompts and sampling seeds)",
-            f"  {'reward, ' + off_name:<{label}} : {self.reward_off:+.4f} ± {self.reward_off_se:.4f}",
-            f"  {'reward, ' + on_name:<{label}} : {self.reward_on:+.4f} ± {self.reward_on_se:.4f}",
+            f"  {'reward, ' + off_name:<{label}} : {self.reward_off:+.4f}{se_off}",
+            f"  {'reward, ' + on_name:<{label}} : {self.reward_on:+.4f}{se_on}",
             f"  {'on − off':<{label}} : {difference}",
             f"  {'KL(on || off)':<{label}} : {self.kl_per_token:.4f} per token, {self.kl_per_reply:.3f} per reply",
             f"  {'reply length':<{label}} : {self.length_on:.1f} tokens on, {self.length_off:.1f} off",
@@ -165,7 +176,8 @@ def evaluate_intervention(
             rollout_off = module.rollout_micro_batch(batch, run_seed)
         for rollout in (rollout_on, rollout_off):
             rollout.records = rollout.records or list(rows)
-        pending = [module.reward.submit(r) for r in (rollout_on, rollout_off)]
+        with module.reward.evaluation():  # nothing learns from held-out rollouts
+            pending = [module.reward.submit(r) for r in (rollout_on, rollout_off)]
         kl = module.heldout_kl(rollout_on)
         kl_sum, kl_tokens = kl_sum + float(kl.sum()), kl_tokens + kl.numel()
         rewards_on, rewards_off = (p.result() for p in pending)
@@ -177,8 +189,8 @@ def evaluate_intervention(
                 arm.rewards.append(float(rewards.values[i]))
                 arm.lengths.append(int(rollout.lengths[i]))
                 arm.replies.append(rollout.responses[i])
-                for name, values in rewards.features.items():
-                    if values.dim() == 1:  # per-sample scalars (e.g. the oracle's parsed confidence)
+                for name, values in {**rewards.parts, **rewards.features}.items():
+                    if values.dim() == 1:  # per-sample scalars: reward parts, the oracle's confidence
                         arm.features.setdefault(name, []).append(float(values[i]))
             diffs.append(on.rewards[-1] - off.rewards[-1])
             if len(examples) < show_examples:

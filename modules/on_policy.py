@@ -222,9 +222,10 @@ class OnPolicyModule(L.LightningModule):
             raise UserError(f"top_p must be in (0, 1], got {top_p}")
         if not lr > 0:
             raise UserError(f"lr must be > 0, got {lr}")
-        if weight_decay < 0 or max_grad_norm < 0 or warmup_updates < 0:
-            raise UserError("weight_decay, max_grad_norm and warmup_updates must be >= 0, got "
-                            f"{weight_decay}, {max_grad_norm}, {warmup_updates}")
+        for name, value in (("weight_decay", weight_decay), ("max_grad_norm", max_grad_norm),
+                            ("warmup_updates", warmup_updates)):
+            if value < 0:
+                raise UserError(f"{name} must be >= 0, got {value}")
         if lr_schedule not in ("constant", "linear", "cosine"):
             raise UserError(f"unknown lr_schedule '{lr_schedule}': use constant, linear or cosine")
         if not 0 <= reward_ema_decay < 1:
@@ -295,6 +296,15 @@ class OnPolicyModule(L.LightningModule):
     def extra_metrics(self) -> dict[str, float]:
         """Method-specific metrics logged once per update."""
         return {}
+
+    def heldout_summary(self, values: dict[str, list[float]]) -> dict[str, float]:
+        """One held-out arm's own figures from its per-sample reward parts and scalar features
+        (default: the mean of each, e.g. a persona's score or a feature's activation)."""
+        return {name: sum(v) / len(v) for name, v in sorted(values.items()) if v}
+
+    def heldout_tables(self, values: dict[str, list[float]]) -> str:
+        """Tables printed under a held-out report (none by default)."""
+        return ""
 
     def export_artifacts(self, run_dir: Path, update: int, final: bool) -> None:
         """Portable files beside a checkpoint (a steering vector, a PEFT adapter)."""
@@ -530,6 +540,7 @@ class OnPolicyModule(L.LightningModule):
             "reward_ema": self.reward_ema,
             "skipped_updates": self.skipped_updates,
             "updates_without_signal": self.updates_without_signal,
+            "reward_state": self.reward.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
@@ -544,6 +555,8 @@ class OnPolicyModule(L.LightningModule):
         self.reward_ema = state.get("reward_ema")
         self.skipped_updates = state.get("skipped_updates", 0)
         self.updates_without_signal = state.get("updates_without_signal", 0)
+        if state.get("reward_state"):
+            self.reward.load_state_dict(state["reward_state"])
         if state.get("torch_rng") is not None:
             torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():

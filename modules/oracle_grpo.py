@@ -259,7 +259,7 @@ class OracleGRPO(OnPolicyModule):
         """Calibration of one held-out arm: Brier score and parse-failure rate."""
         parsed = torch.tensor(features.get("parsed", []))
         if not len(parsed):
-            return {}
+            return super().heldout_summary(features)
         scored = parsed.bool()
         conf, inform = torch.tensor(features["confidence"]), torch.tensor(features["informativeness"])
         out = {"parse_failure_rate": float(1 - parsed.mean())}

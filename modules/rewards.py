@@ -115,6 +115,17 @@ class RewardFunction(ABC):
         """Counters since the last call (requests, cache hits, latency), logged once per update."""
         return {}
 
+    def evaluation(self) -> AbstractContextManager:
+        """Context for held-out scoring: nothing may learn from it (e.g. an online discriminator)."""
+        return nullcontext()
+
+    def state_dict(self) -> dict:
+        """What the reward learns during training (checkpointed with the method's state)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (called on resume, possibly before anything is loaded)."""
+
     def describe_failure(self) -> str:
         """What to check when no sample of an update could be scored (named in the stop message)."""
         return f"the reward '{self.name}' returned no valid sample"
@@ -187,6 +198,20 @@ class WeightedSum(RewardFunction):
         for r in self.rewards:
             out.update(r.metrics())
         return out
+
+    @contextmanager
+    def evaluation(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            for r in self.rewards:
+                stack.enter_context(r.evaluation())
+            yield
+
+    def state_dict(self) -> dict:
+        return {name: r.state_dict() for name, r in zip(self.names, self.rewards)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, r in zip(self.names, self.rewards):
+            r.load_state_dict(state.get(name, {}))
 
     def describe_failure(self) -> str:
         return "; ".join(r.describe_failure() for r in self.rewards)

@@ -205,6 +205,10 @@ class SARMReward(RewardFunction):
         rewards = Rewards(values, torch.isfinite(values), parts, {"latents": out.latents})
         return PendingRewards.ready(rewards)
 
+    def evaluation(self):
+        """Held-out scoring never trains the discriminator."""
+        return self.frozen_discriminator()
+
     @contextmanager
     def frozen_discriminator(self) -> Iterator[None]:
         """Score without training the discriminator (held-out evaluation)."""
