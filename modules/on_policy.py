@@ -352,12 +352,16 @@ class OnPolicyModule(L.LightningModule):
         groups = torch.arange(len(batch.prompts)).repeat_interleave(self.samples_per_prompt)
         parts = rows.split(self.batch_size)
         show = len(parts) > 1 and self._trainer is not None and self.trainer.is_global_zero
+        submit_s = 0.0
         for k, micro in enumerate(tqdm(parts, desc=f"rollouts of update {batch.index + 1}", leave=False,
                                        disable=not show)):
             rollout = self.rollout_micro_batch(micro, self.rollout_seed(batch.index, k))
             rollout.records = rollout.records or list(micro.records)
             group = groups[k * self.batch_size : k * self.batch_size + len(micro.prompts)]
+            started = time.perf_counter()
             pending.append((rollout, self.reward.submit(rollout), group))
+            submit_s += time.perf_counter() - started
+        self._timings["reward_submit_s"] = submit_s  # rewards computed in submit (e.g. a reward model)
         start = time.perf_counter()
         experiences = [Experience(r, p.result(), g) for r, p, g in pending]
         self._timings["judge_wait_s"] = time.perf_counter() - start

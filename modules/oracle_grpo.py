@@ -142,7 +142,7 @@ class OracleGRPO(OnPolicyModule):
         if not 1 <= num_positions <= 20:
             raise UserError(f"num_positions must be between 1 and 20, got {num_positions}")
         self.model_name = model
-        base, self.tokenizer = load_causal_lm(model, dtype, load_in_4bit=load_in_4bit)
+        base, self.tokenizer = self.load_base(model, dtype, load_in_4bit)
         self.tokenizer.padding_side = "left"
         self.layer_percents, self.num_positions = list(layer_percents), num_positions
         layers = sorted(set(layers_for_percents(base, self.layer_percents).values()))  # refuses impossible depths
@@ -161,6 +161,10 @@ class OracleGRPO(OnPolicyModule):
         self.logit_chunk_tokens = logit_chunk_tokens
         self._calibration: list[torch.Tensor] = []  # [n, 3] (parsed, confidence, informativeness) since a checkpoint
         self._group_metrics: dict[str, float] = {}
+
+    def load_base(self, model: str, dtype: str, load_in_4bit: bool):
+        """The frozen base model and its tokenizer (a subclass may build them another way, e.g. benchmarks)."""
+        return load_causal_lm(model, dtype, load_in_4bit=load_in_4bit)
 
     # -- the on-policy loop's parts ------------------------------------------------------------
     def setup(self, stage: str) -> None:
