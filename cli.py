@@ -52,7 +52,9 @@ def _quiet_known_warnings() -> None:
 def run_training(argv: list[str] | None) -> None:
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.callbacks import ProgressBar
+    from lightning.pytorch.utilities import rank_zero_only
 
+    from callbacks.checkpoints import resolve_resume
     from callbacks.progress import UpdateProgressBar
     import datamodules.prompts  # noqa: F401  (registers the subclasses for --help and short names)
     import modules.ppo  # noqa: F401
@@ -80,22 +82,43 @@ def run_training(argv: list[str] | None) -> None:
                 callbacks = [*callbacks, UpdateProgressBar()]
             return super()._instantiate_trainer(config, callbacks)
 
+        def _parse_ckpt_path(self) -> None:
+            """Refuse an unreadable ``--ckpt_path FILE`` at once. Unlike LightningCLI, the model's
+            options are not replaced by the checkpoint's saved hyperparameters: the config given is
+            the config used, with a file as with ``last`` (a checkpoint holds only trainable state)."""
+            if self.config.get("subcommand") == "fit":
+                ckpt_path = self.config.fit.get("ckpt_path")
+                if ckpt_path and ckpt_path != "last":
+                    resolve_resume(ckpt_path, ".")
+
         def before_fit(self) -> None:
+            """Every check before anything is written into the run folder."""
             config = self.config.fit
-            checkpoints = Path(config.trainer.default_root_dir) / "checkpoints"
+            run_dir = Path(config.trainer.default_root_dir)
+            checkpoints = _checkpoint_dir(self.trainer, run_dir)
             if config.ckpt_path is None and any(checkpoints.glob("*.ckpt")):
                 raise UserError(f"{checkpoints} already holds checkpoints: resume with --ckpt_path last, "
                                 "or start a new run with another --run_name")
-            self.model.preflight(self.datamodule)  # before any run folder is written
+            ckpt_path, note = resolve_resume(config.ckpt_path, checkpoints)
+            self.model.preflight(self.datamodule)
+            self.config_init.fit.ckpt_path = ckpt_path
+            if rank_zero_only.rank == 0:
+                if note:
+                    print(note, file=sys.stderr, flush=True)
+                if self._wandb_id is not None:
+                    _write_wandb_id(run_dir, self._wandb_id)
 
         def before_instantiate_classes(self) -> None:
             config = self.config.get(self.subcommand, self.config)
+            self._wandb_id = None
             if self.subcommand != "fit":
                 return
             run_dir = str(Path(config.output_dir) / config.run_name)
             config.trainer.default_root_dir = run_dir
             if config.trainer.logger in (None, True):
                 config.trainer.logger = _default_loggers(run_dir, config.run_name, config.wandb_project)
+                wandb = [c for c in config.trainer.logger if c["class_path"].endswith("WandbLogger")]
+                self._wandb_id = wandb[0]["init_args"]["id"] if wandb else None
 
     RLCLI(
         OnPolicyModule,
@@ -128,16 +151,31 @@ def _default_loggers(run_dir: str, run_name: str, wandb_project: str | None) -> 
 
 
 def wandb_run_id(run_dir: str) -> str:
-    """The run's W&B id, kept in the run folder so that a resumed run continues the same W&B run."""
+    """The run's W&B id: the one kept in the run folder (so that a resumed run continues the same W&B
+    run), else a new one, written there only once every check has passed (:func:`_write_wandb_id`)."""
     path = Path(run_dir) / "wandb_id.txt"
-    if path.is_file():
+    if path.is_file() and path.read_text().strip():
         return path.read_text().strip()
     import uuid
 
-    run_id = uuid.uuid4().hex[:12]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(run_id)
-    return run_id
+    return uuid.uuid4().hex[:12]
+
+
+def _write_wandb_id(run_dir: Path, run_id: str) -> None:
+    path = run_dir / "wandb_id.txt"
+    if not path.is_file() or path.read_text().strip() != run_id:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id)
+
+
+def _checkpoint_dir(trainer, run_dir: Path) -> Path:
+    """Where the run's checkpoint callback writes (``<run>/checkpoints`` unless configured otherwise)."""
+    from callbacks.checkpoints import EvenlySpacedCheckpoint
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, EvenlySpacedCheckpoint) and callback.dirpath:
+            return Path(callback.dirpath)
+    return run_dir / "checkpoints"
 
 
 def print_fit_help(args: list[str]) -> None:

@@ -8,22 +8,43 @@ newest one. Updates are counted as rollout batches, whatever number of optimizer
 A checkpoint holds only what the module's ``on_save_checkpoint`` keeps (the trainable state,
 optimizer, counters, RNG), never the frozen base model.
 
-Every file is written to a temporary name and renamed into place, so a crash mid-write never
-leaves a truncated file that looks like a checkpoint. Before each checkpoint the module's portable
-exports are written (``export_artifacts``: for SteeringVectorRL ``vectors/update{N:06d}.pt`` and,
-at the end, ``steering_vector.pt``; for PPO the PEFT adapter): a crash between the two leaves the
-export of an update that the resumed run computes again, identically.
+A kill at any instant leaves a folder that ``fit --ckpt_path last`` turns into the one an
+uninterrupted run writes. What happens at a checkpoint update, in order:
+
+1. the update's ``metrics.csv`` row is written (Lightning would log it only after this callback),
+   with any rows still buffered (:class:`callbacks.resumable_csv.ResumableCSVLogger`);
+2. the module's portable exports (``export_artifacts``: for SteeringVectorRL
+   ``vectors/update{N:06d}.pt`` and, at the end, ``steering_vector.pt``; for PPO the PEFT adapter
+   folders);
+3. ``checkpoints/update{N:06d}.ckpt``, then ``checkpoints/last.ckpt``; each records how many
+   ``metrics.csv`` rows were on disk.
+
+Every file is written to a hidden ``.<name>.partial`` and renamed into place, so no truncated file
+ever carries a real name; leftover ``.partial`` files are removed when a run (re)starts. A resumed
+run cuts ``metrics.csv`` back to the rows its checkpoint counted and computes every later update
+again, identically, rewriting its exports. :func:`resolve_resume` picks the checkpoint for
+``--ckpt_path last`` (``last.ckpt``, else the newest readable ``update*.ckpt``) and refuses an
+unreadable ``--ckpt_path FILE`` before anything is written.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
+import shutil
+import zipfile
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from callbacks.resumable_csv import ResumableCSVLogger
+from modules.errors import UserError
+
+_UPDATE_FILE = re.compile(r"update(\d+)\.ckpt$")
 
 
 def evenly_spaced_steps(total: int, count: int) -> list[int]:
@@ -31,6 +52,71 @@ def evenly_spaced_steps(total: int, count: int) -> list[int]:
     if total < 1 or count < 1:
         return []
     return sorted({math.ceil(k * total / count) for k in range(1, count + 1)})
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be resumed from, in a few words (``None``: it can)."""
+    path = Path(path)
+    if not path.is_file():
+        return "does not exist"
+    if not zipfile.is_zipfile(path):
+        return "is truncated or not a checkpoint file"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # a damaged archive or a foreign pickle
+        return f"cannot be read ({type(err).__name__})"
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        return "is not a Lightning checkpoint"
+    return None
+
+
+def resolve_resume(ckpt_path: str | None, checkpoint_dir: str | Path) -> tuple[str | None, str | None]:
+    """The checkpoint ``fit`` should resume from, and a line to tell the user (or ``None``).
+
+    ``last`` is ``last.ckpt`` when it is readable, else the newest readable ``update*.ckpt`` (the
+    line says which, and names the bad file), else none: training starts from the beginning. A
+    file given by name must be readable: otherwise :class:`UserError` names it.
+    """
+    if ckpt_path is None or ckpt_path in ("best", "hpc", "registry") or ckpt_path.startswith("registry:"):
+        return ckpt_path, None
+    if ckpt_path != "last":
+        problem = checkpoint_problem(ckpt_path)
+        if problem:
+            raise UserError(f"--ckpt_path {ckpt_path} {problem}: give a .ckpt file from a run's checkpoints/ "
+                            "folder, or --ckpt_path last")
+        return ckpt_path, None
+    folder = Path(checkpoint_dir)
+    updates = sorted((p for p in folder.glob("update*.ckpt") if _UPDATE_FILE.search(p.name)),
+                     key=lambda p: int(_UPDATE_FILE.search(p.name).group(1)), reverse=True)
+    bad = []
+    for path in [folder / "last.ckpt", *updates]:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if path.name == "last.ckpt":
+                return str(path), None
+            why = "; ".join(bad) if bad else f"{folder / 'last.ckpt'} does not exist"
+            return str(path), f"note: resuming from {path}, the newest readable checkpoint ({why})"
+        if problem != "does not exist":
+            bad.append(f"{path} {problem}")
+    why = f" ({'; '.join(bad)})" if bad else ""
+    return None, f"note: no readable checkpoint in {folder}{why}: training from the first update"
+
+
+def remove_partial_files(run_dir: str | Path) -> list[Path]:
+    """Delete the ``.<name>.partial`` files and folders that a killed run left in ``run_dir`` and its
+    subfolders (one level down: checkpoints/, vectors/, adapters/)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    removed = []
+    for folder in [run_dir, *(p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith("."))]:
+        for path in folder.glob(".*.partial"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 class EvenlySpacedCheckpoint(ModelCheckpoint):
@@ -48,9 +134,13 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
             save_last=True, every_n_train_steps=0, every_n_epochs=0, save_on_train_epoch_end=False,
             enable_version_counter=False,
         )
+        if num_checkpoints < 1:
+            raise UserError(f"num_checkpoints must be at least 1, got {num_checkpoints}")
         self.num_checkpoints, self.export = num_checkpoints, export
         self.save_updates: list[int] = []
         self._last_update_saved = -1
+        self._csv_rows: int | None = None  # metrics.csv rows on disk at the checkpoint being written
+        self._resumed_csv_rows: int | None = None
 
     def _resolve_dirpath(self, trainer: L.Trainer) -> None:
         if self.dirpath is None:
@@ -64,6 +154,23 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
         self._resolve_dirpath(trainer)
         super().setup(trainer, pl_module, stage)
         self.save_updates = evenly_spaced_steps(pl_module.total_updates, self.num_checkpoints)
+        if trainer.is_global_zero and stage == "fit":
+            remove_partial_files(Path(self.dirpath).parent)
+            remove_partial_files(self.dirpath)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Cut metrics.csv back to the rows of the checkpoint resumed from (all of them on a fresh
+        start); after resuming from an ``update*.ckpt`` of this run, make ``last.ckpt`` that file."""
+        rows = self._resumed_csv_rows if trainer.ckpt_path else 0
+        for logger in _csv_loggers(trainer):
+            logger.keep_earlier_rows(rows)
+        resumed = Path(trainer.ckpt_path) if trainer.ckpt_path else None
+        last = Path(self.dirpath) / "last.ckpt"
+        if trainer.is_global_zero and resumed is not None and resumed.parent.resolve() == last.parent.resolve() \
+                and resumed.name != last.name:
+            partial = last.with_name("." + last.name + ".partial")
+            shutil.copyfile(resumed, partial)
+            os.replace(partial, last)
 
     def _monitor_candidates(self, trainer: L.Trainer) -> dict:
         candidates = super()._monitor_candidates(trainer)
@@ -74,6 +181,8 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
         update = pl_module.rollout_batches_done
         if update not in self.save_updates or update == self._last_update_saved or trainer.sanity_checking:
             return
+        if trainer.is_global_zero:
+            self._write_metrics_row(trainer)
         if self.export and trainer.is_global_zero:
             pl_module.export_artifacts(Path(self.dirpath).parent, update, final=update == pl_module.total_updates)
         candidates = self._monitor_candidates(trainer)
@@ -81,11 +190,37 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
         self._save_last_checkpoint(trainer, candidates)
         self._last_update_saved = update
 
+    def _write_metrics_row(self, trainer: L.Trainer) -> None:
+        """Put this update's metrics row on disk before the checkpoint that counts it.
+
+        Lightning logs a step's row after every ``on_train_batch_end`` hook, and this callback runs
+        last among them (Lightning moves checkpoint callbacks to the end), so the row is complete
+        here; the logger then skips Lightning's copy of it.
+        """
+        self._csv_rows = None
+        connector = trainer._logger_connector
+        row = convert_tensors_to_scalars(connector.metrics["log"]) if connector.should_update_logs else {}
+        step = row.pop("step", None)  # the row and step exactly as the connector's log_metrics makes them
+        if step is not None:
+            step = int(step)
+        elif row:
+            row.setdefault("epoch", trainer.current_epoch)
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in _csv_loggers(trainer):
+            if row:
+                self._csv_rows = logger.write_row_now(row, step)
+            else:
+                logger.save()
+                self._csv_rows = len(logger.experiment.rows)
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         """Saving is driven by update counts only."""
 
     def on_validation_end(self, trainer, pl_module) -> None:
         """Saving is driven by update counts only."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """Saving is driven by update counts only (a run resumed from its final checkpoint saves nothing)."""
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         partial = os.path.join(os.path.dirname(filepath), "." + os.path.basename(filepath) + ".partial")
@@ -100,8 +235,13 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
                 logger.after_save_checkpoint(self)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "last_update_saved": self._last_update_saved}
+        return {**super().state_dict(), "last_update_saved": self._last_update_saved, "csv_rows": self._csv_rows}
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._last_update_saved = state_dict.get("last_update_saved", -1)
+        self._resumed_csv_rows = state_dict.get("csv_rows")
+
+
+def _csv_loggers(trainer: L.Trainer) -> list[ResumableCSVLogger]:
+    return [logger for logger in trainer.loggers if isinstance(logger, ResumableCSVLogger)]
