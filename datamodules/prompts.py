@@ -164,6 +164,8 @@ class PromptDataModule(L.LightningDataModule):
         super().__init__()
         if prompts_per_update < 1:
             raise UserError(f"prompts_per_update must be at least 1, got {prompts_per_update}")
+        if max_prompt_tokens < 1:
+            raise UserError(f"max_prompt_tokens must be at least 1, got {max_prompt_tokens}")
         self.train_records = read_records(train_file, jsonl_field)
         self.heldout_records = read_records(heldout_file, jsonl_field) if heldout_file else []
         self.train_prompts = [r["prompt"] for r in self.train_records]

@@ -153,6 +153,8 @@ class PPO(OnPolicyModule):
         self.save_hyperparameters(ignore=["reward"])
         self._check_options(kl_estimator, kl_coef, gamma, lam, clip_range, clip_range_value, value_coef, entropy_coef,
                             ppo_epochs, num_minibatches, target_kl, rollouts, logit_chunk_tokens)
+        if not lora_alpha > 0:
+            raise UserError(f"lora_alpha must be > 0, got {lora_alpha} (the adapter's scale is lora_alpha / lora_r)")
         self.model_name, self.adapter_path = model, adapter_path
         base, self.tokenizer = self.load_base(model, dtype, load_in_4bit)
         self.tokenizer.padding_side = "left"

@@ -114,6 +114,10 @@ class SteeringVectorRL(OnPolicyModule):
             raise UserError(f"kl_coef must be >= 0, got {kl_coef} (a negative weight trains toward a larger KL)")
         if logit_chunk_tokens < 1:
             raise UserError(f"logit_chunk_tokens must be at least 1, got {logit_chunk_tokens}")
+        if init_std < 0:
+            raise UserError(f"init_std must be >= 0, got {init_std}")
+        if steer_last_k < 1:
+            raise UserError(f"steer_last_k must be at least 1, got {steer_last_k}")
         self.model_name = model
         self.policy, self.tokenizer = self.load_policy(model, dtype)
         self.tokenizer.padding_side = "left"

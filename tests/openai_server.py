@@ -52,7 +52,7 @@ def toy_scorer(text: str) -> tuple[list[str], list[int], list[float]]:
 
 
 def shifted_scorer(text: str) -> tuple[list[str], list[int], list[float]]:
-    """Each piece scored by the distribution that has already seen it (llama-cpp-python's bug)."""
+    """Each piece scored by the distribution that has already seen it (logprobs shifted by one token)."""
     pieces, offsets = toy_pieces(text)
     return pieces, offsets, [toy_logprob(pieces[: i + 1], p) for i, p in enumerate(pieces)]
 
@@ -63,6 +63,14 @@ DEFAULT_RATING_PROBS = {"7": 0.6, "8": 0.15, " 8": 0.05, "3": 0.1, "The": 0.1}
 
 def default_rater(messages: list[dict]) -> dict[str, float]:
     return {tok: math.log(p) for tok, p in DEFAULT_RATING_PROBS.items()}
+
+
+WORDY_RATING_PROBS = {"The": 0.6, "I": 0.25, "This": 0.135, "1": 0.01, "2": 0.005}
+"""A small judge that starts talking instead of rating: the digits hold 1.5 % of the mass."""
+
+
+def wordy_rater(messages: list[dict]) -> dict[str, float]:
+    return {tok: math.log(p) for tok, p in WORDY_RATING_PROBS.items()}
 
 
 @dataclass
@@ -206,9 +214,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def _send(self, status: int, payload: bytes, content_type: str = "application/json") -> None:
+    def _send(self, status: int, payload: bytes, content_type: str = "application/json",
+              headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
@@ -224,6 +235,8 @@ class _Handler(BaseHTTPRequestHandler):
             data = {"object": "list", "data": [{"id": srv.model, "object": "model", "created": 0,
                                                 "owned_by": "test"}]}
             self._send(200, json.dumps(data).encode())
+        elif self.path.startswith("/api/models/"):  # the Hub's model API, which knows no model
+            self._send(404, b'{"error": "Repository not found"}', headers={"X-Error-Code": "RepoNotFound"})
         else:
             self._send(404, b'{"error": {"message": "not found"}}')
 

@@ -37,6 +37,10 @@ class LocalJudge(Judge):
 
     def __init__(self, model: str | None = None, dtype: str = "auto", batch_size: int = 16, cache_size: int = 50_000):
         super().__init__(cache_size)
+        if batch_size < 1:
+            from modules.errors import UserError
+
+            raise UserError(f"judge batch_size must be at least 1, got {batch_size}")
         self.model_name, self.dtype, self.batch_size = model, dtype, batch_size
         self._model = self._tokenizer = None
         self._context: Callable[[], ContextManager] = nullcontext

@@ -7,14 +7,18 @@ Which mode fits which server:
   is appended, and ``echo=True, logprobs=1`` returns the log-probability of every prompt token; the
   response's span is summed. Fits vLLM, SGLang and other TGI-style servers that return prompt
   logprobs with echo.
-  llama-cpp-python's server answers echo requests but was seen returning logprobs shifted by one
-  position, and llama.cpp's own server returns no prompt logprobs at all: keep ``alignment_check``
-  on, and :meth:`OpenAICompatibleJudge.preflight` refuses such a server before training starts.
+  Other servers may answer echo requests with logprobs shifted by one position against their
+  tokens, or with no prompt logprobs at all: keep ``alignment_check`` on, and
+  :meth:`OpenAICompatibleJudge.preflight` refuses such a server before training starts. (One user
+  reported llama-cpp-python v0.3.36 passing the check and scoring within 0.2-1 nats of the local
+  judge; the README's provider table has the details.)
 - ``mode="rating"`` (not exact, ``kind="rating"``): for providers whose chat endpoint only returns
   logprobs of tokens the judge generates itself (OpenAI, OpenRouter). The judge, playing the
   persona, rates the response with one digit 0-9; the reward is the probability-weighted digit read
   from ``top_logprobs`` of that one generated token, or the sampled digit when the server returns
   no logprobs. This measures the persona's stated approval, not the likelihood of the response.
+  A small judge may hardly answer with a digit at all: when the digits hold under 10 % of the
+  rating token's top log-prob mass over the first replies, one warning says so, with the share.
 
 HTTP errors (408/409/429/5xx, timeouts, dropped connections) are retried by the ``openai`` client
 itself with exponential backoff; a 200 reply that cannot be used (no logprobs, no digit, not JSON)
@@ -61,6 +65,8 @@ _PROBE = JudgeRequest(
 _MIN_COPY_GAIN = 1.0  # nats per token the second copy must gain over the first
 _PREFLIGHT_TIMEOUT_S = 10.0
 _DIGITS = "0123456789"
+_MIN_DIGIT_SHARE = 0.10  # below this share of the top log-prob mass, ratings carry little signal
+_DIGIT_SHARE_REPLIES = 8  # replies averaged before the share is judged
 
 
 class _Garbage(Exception):
@@ -108,8 +114,16 @@ class OpenAICompatibleJudge(Judge):
         super().__init__(cache_size)
         if mode not in ("echo", "rating"):
             raise UserError(f"judge mode must be 'echo' or 'rating', not {mode!r}")
-        if max_concurrency < 1 or max_retries < 0 or garbage_retries < 0:
-            raise UserError("judge max_concurrency must be >= 1, max_retries and garbage_retries >= 0")
+        url = urlparse(base_url)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise UserError(f"judge base_url {base_url!r} is not an http(s) URL: give the server's API root, "
+                            "e.g. http://127.0.0.1:8000/v1 or https://openrouter.ai/api/v1")
+        for name, value, least in (("max_concurrency", max_concurrency, 1), ("max_retries", max_retries, 0),
+                                   ("garbage_retries", garbage_retries, 0)):
+            if value < least:
+                raise UserError(f"judge {name} must be at least {least}, got {value}")
+        if not timeout_s > 0:
+            raise UserError(f"judge timeout_s must be > 0 seconds, got {timeout_s}")
         self.base_url = base_url
         self.model = model
         self.mode = mode
@@ -124,6 +138,9 @@ class OpenAICompatibleJudge(Judge):
             self.kind = "rating"
         self.parsed_fallbacks = 0
         """Ratings read from the generated text because the server sent no logprobs."""
+        self.digit_share_sum, self.digit_share_count = 0.0, 0
+        """Running sum and count of the digits' share of the rating token's top log-prob mass."""
+        self._warned_digit_share = False
         self._client: openai.AsyncOpenAI | None = None
         self._semaphore: asyncio.Semaphore | None = None
 
@@ -218,18 +235,39 @@ class OpenAICompatibleJudge(Judge):
 
     def _parse_rating(self, choice: dict) -> Judgement:
         probs = [0.0] * 10
+        listed = 0.0  # probability of every listed alternative
         content = (choice.get("logprobs") or {}).get("content") or []
-        for alt in (content[0].get("top_logprobs") or []) if content else []:
+        alternatives = (content[0].get("top_logprobs") or []) if content else []
+        for alt in alternatives:
             token, logprob = str(alt.get("token", "")).strip(), alt.get("logprob")
-            if len(token) == 1 and token in _DIGITS and isinstance(logprob, (int, float)):
-                probs[int(token)] += math.exp(logprob)
+            if isinstance(logprob, (int, float)):
+                listed += math.exp(logprob)
+                if len(token) == 1 and token in _DIGITS:
+                    probs[int(token)] += math.exp(logprob)
         if sum(probs) > 0:
+            self._note_digit_share(sum(probs) / listed, len(alternatives))
             return Judgement(total=sum(d * p for d, p in enumerate(probs)) / sum(probs), num_tokens=1)
         text = ((choice.get("message") or {}).get("content") or "").strip()
         if text and text[0] in _DIGITS:
             self.parsed_fallbacks += 1
             return Judgement(total=float(text[0]), num_tokens=1)
         raise _Garbage("no rating digit in the reply's logprobs or text")
+
+    def _note_digit_share(self, share: float, listed: int) -> None:
+        """Warn once per run when the digits hold a negligible share of the rating token's top
+        log-prob mass: the rating is renormalised from a sliver of the distribution, and a judge
+        that does not really answer with a digit tends to give every reply the same reward."""
+        self.digit_share_sum += share
+        self.digit_share_count += 1
+        mean = self.digit_share_sum / self.digit_share_count
+        if self._warned_digit_share or self.digit_share_count < _DIGIT_SHARE_REPLIES or mean >= _MIN_DIGIT_SHARE:
+            return
+        self._warned_digit_share = True
+        log.warning("judge %s (rating mode): the digits 0-9 hold only %.1f%% of the log-prob mass of the top-%d "
+                    "tokens of its rating, averaged over its first %d replies: the ratings are read from a sliver "
+                    "of what the judge would say and may barely depend on the reply (the policy then trains on "
+                    "noise). Use a judge model that answers with a digit, or mode=echo",
+                    self.base_url, 100 * mean, listed, self.digit_share_count)
 
     # -- preflight -------------------------------------------------------------------------------
     def preflight(self) -> None:

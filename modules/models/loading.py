@@ -50,7 +50,41 @@ def resolve_model_source(model: str) -> tuple[str, dict]:
         return str(path), {}
     if model.startswith((".", "/", "~")) or model.count("/") > 1:  # a Hub id is "org/name"
         raise UserError(f"model path '{model}' does not exist")
+    check_hub_id(model)
     return model, {}
+
+
+def check_hub_id(model: str) -> None:
+    """Fail at once, with one line, for a Hub id that can't be loaded: not in the local cache and
+    the Hub is off (``HF_HUB_OFFLINE``), out of reach, or doesn't have it. One short request with no
+    retries decides (a download's own retries take most of a minute before they give up)."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    hint = "pass a local folder, a .gguf file or 'embedded:smollm2'"
+    try:
+        if isinstance(huggingface_hub.try_to_load_from_cache(model, "config.json"), str):
+            return
+    except errors.HFValidationError:
+        raise UserError(f"model '{model}' is neither an existing path nor a Hub id (org/name): {hint}") from None
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"model '{model}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                        f"{hint}, or download it first with network access")
+    try:
+        huggingface_hub.HfApi(endpoint=constants.ENDPOINT).model_info(model, timeout=10)
+    except errors.GatedRepoError:
+        raise UserError(f"model '{model}' is gated on the Hub: accept its licence on huggingface.co and set "
+                        "HF_TOKEN") from None
+    except errors.RepositoryNotFoundError:
+        raise UserError(f"model '{model}' is not on the Hub (or is private: set HF_TOKEN): check the id, "
+                        f"or {hint}") from None
+    except errors.HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", "?")
+        raise UserError(f"the Hub answered HTTP {status} for model '{model}': try again later, or {hint}") from None
+    except Exception as err:  # no network, DNS, proxy, timeout
+        raise UserError(f"model '{model}' is not in the local Hugging Face cache and {constants.ENDPOINT} "
+                        f"cannot be reached ({type(err).__name__}): {hint}, or set HF_HUB_OFFLINE=1 on "
+                        "machines without network") from None
 
 
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
