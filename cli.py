@@ -36,7 +36,7 @@ TOOLS = {  # subcommand -> "module:function(argv)"
     "oracle-sft": "modules.oracle.commands:oracle_sft",
     "vibes-check": "modules.oracle.commands:vibes_check",
 }
-METHODS = ["modules.steering_rl.SteeringVectorRL", "modules.ppo.PPO"]
+METHODS = ["modules.steering_rl.SteeringVectorRL", "modules.ppo.PPO", "modules.oracle_grpo.OracleGRPO"]
 DATAMODULES = ["datamodules.prompts.PromptDataModule"]
 
 
@@ -57,6 +57,7 @@ def run_training(argv: list[str] | None) -> None:
     from callbacks.checkpoints import resolve_resume
     from callbacks.progress import UpdateProgressBar
     import datamodules.prompts  # noqa: F401  (registers the subclasses for --help and short names)
+    import modules.oracle_grpo  # noqa: F401
     import modules.ppo  # noqa: F401
     import modules.steering_rl  # noqa: F401
     from modules.on_policy import OnPolicyModule

@@ -105,7 +105,8 @@ def build(args, tokenizer):
     """(module, data module) for ``args.method``."""
     common = dict(model=f"random-{args.method}", dtype="bfloat16" if ON_GPU else "float32", lora_r=args.lora_r,
                   lora_alpha=2 * args.lora_r, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                  total_updates=args.updates, max_new_tokens=args.new_tokens, lr=1e-5)
+                  total_updates=args.updates, max_new_tokens=args.new_tokens, lr=1e-5,
+                  update_batch_size=args.update_batch_size, gradient_checkpointing=args.gradient_checkpointing)
     if args.method == "oracle":
         from modules.models.adapters import LoRAPolicy
         from modules.oracle_grpo import OracleGRPO
@@ -159,6 +160,8 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=120)
     parser.add_argument("--updates", type=int, default=2)
     parser.add_argument("--four_bit", action="store_true")
+    parser.add_argument("--update_batch_size", type=int, default=None, help="Rows per forward/backward chunk.")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
@@ -171,6 +174,8 @@ def main() -> None:
     module, data = build(args, tokenizer)
     build_s = time.perf_counter() - start
     weights_gib = torch.cuda.memory_allocated() / 2**30 if ON_GPU else float("nan")
+    if ON_GPU:
+        torch.cuda.reset_peak_memory_stats()  # the peak of training, not of building (a 4-bit base starts in bf16)
     timings = Timings()
     trainer = L.Trainer(accelerator="gpu" if ON_GPU else "cpu", devices=1, max_epochs=-1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -182,9 +187,11 @@ def main() -> None:
               "four_bit": args.four_bit, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
               "samples_per_prompt": args.samples_per_prompt if args.method == "oracle" else 1,
               "ppo_epochs": args.ppo_epochs, "num_minibatches": args.num_minibatches, "new_tokens": args.new_tokens,
+              "update_batch_size": args.update_batch_size, "gradient_checkpointing": args.gradient_checkpointing,
               "build_s": build_s, "weights_gib": weights_gib, "last_update": last, "per_update": timings.rows}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    name = f"update_cost_{args.method}_b{args.batch_size}x{args.grad_accum}{'_4bit' if args.four_bit else ''}.json"
+    name = (f"update_cost_{args.method}_b{args.batch_size}x{args.grad_accum}{'_4bit' if args.four_bit else ''}"
+            f"{'_gc' if args.gradient_checkpointing else ''}.json")
     (Path(args.out) / name).write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
     print(f"\n| {result['device']} | {args.method}, base {'NF4' if args.four_bit else 'bf16'}, batch {args.batch_size} x "

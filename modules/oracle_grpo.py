@@ -136,9 +136,9 @@ class OracleGRPO(OnPolicyModule):
         if not epsilon > 0 or (epsilon_high is not None and not epsilon_high > 0) or beta < 0:
             raise UserError(f"epsilon and epsilon_high must be > 0 and beta >= 0, got {epsilon}, {epsilon_high}, {beta}")
         rows = self.batch_size * self.grad_accum
-        if rows % num_minibatches or (rows // num_minibatches) % self.batch_size:
+        if rows % num_minibatches:
             raise UserError(f"num_minibatches ({num_minibatches}) must split the rollout batch of {rows} rows into "
-                            f"minibatches that are whole multiples of batch_size ({self.batch_size})")
+                            "equal minibatches")
         if not 1 <= num_positions <= 20:
             raise UserError(f"num_positions must be between 1 and 20, got {num_positions}")
         self.model_name = model
@@ -233,7 +233,7 @@ class OracleGRPO(OnPolicyModule):
             order = torch.randperm(rows, generator=generator) if self.num_minibatches > 1 else torch.arange(rows)
             for start in range(0, rows, size):
                 picked = order[start : start + size]
-                chunks = [batch.select(picked[i : i + self.batch_size]) for i in range(0, size, self.batch_size)]
+                chunks = self.chunks(batch, picked)
                 totals = grpo.update_totals([c.rollout.response_mask for c in chunks], [c.valid for c in chunks],
                                             self.sampling.max_new_tokens)
                 steps.append(self.optimizer_step_on(
@@ -246,7 +246,8 @@ class OracleGRPO(OnPolicyModule):
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One chunk's share of the step's loss (see :data:`modules.rl.grpo.LOSS_AGGREGATIONS`)."""
         batch = chunk.rollout
-        logp = self._token_logp(batch)
+        with self.loss_pass():
+            logp = self._token_logp(batch)
         old = grpo.old_logprobs_for(iteration, chunk.scores.get("old_logp"))
         terms = grpo.grpo_token_loss(logp, old, chunk.scores.get("ref_logp"), chunk.advantages,
                                      batch.response_mask, chunk.valid.to(self.device), self.epsilon,

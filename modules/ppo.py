@@ -38,9 +38,8 @@ Where this departs from TRL's PPOTrainer and seed 003:
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -174,7 +173,7 @@ class PPO(OnPolicyModule):
         self.clip_range, self.clip_range_value = clip_range, clip_range_value
         self.value_coef, self.entropy_coef = value_coef, entropy_coef
         self.ppo_epochs, self.num_minibatches, self.target_kl = ppo_epochs, num_minibatches, target_kl
-        self.value_detach_trunk, self.lora_dropout = value_detach_trunk, lora_dropout
+        self.value_detach_trunk, self.dropout_in_loss = value_detach_trunk, lora_dropout > 0
         self.logit_chunk_tokens = logit_chunk_tokens
         self._advantage_metrics: dict[str, float] = {}
 
@@ -202,10 +201,9 @@ class PPO(OnPolicyModule):
             if value < 1:
                 raise UserError(f"{name} must be at least 1, got {value}")
         rows = self.batch_size * self.grad_accum
-        if rows % num_minibatches or (rows // num_minibatches) % self.batch_size:
+        if rows % num_minibatches:
             raise UserError(f"num_minibatches ({num_minibatches}) must split the rollout batch of {rows} rows "
-                            f"(batch_size x grad_accum) into minibatches that are whole multiples of batch_size "
-                            f"({self.batch_size})")
+                            "(batch_size x grad_accum) into equal minibatches")
         if target_kl is not None and not target_kl > 0:
             raise UserError(f"target_kl must be > 0 (or null), got {target_kl}")
 
@@ -289,8 +287,7 @@ class PPO(OnPolicyModule):
             epoch = []
             for start in range(0, rows, size):
                 picked = order[start : start + size]
-                chunks = [batch.select(picked[i : i + self.batch_size]) for i in range(0, size, self.batch_size)]
-                epoch.append(self.optimizer_step_on(chunks, self.minibatch_loss))
+                epoch.append(self.optimizer_step_on(self.chunks(batch, picked), self.minibatch_loss))
             steps.extend(epoch)
             epochs_run += 1
             if self.target_kl is not None and sum(m["kl/approx"] for m in epoch) / len(epoch) > self.target_kl:
@@ -309,7 +306,7 @@ class PPO(OnPolicyModule):
         batch, scores = chunk.rollout, chunk.scores
         rmask = batch.response_mask.bool()
         mask = rmask & chunk.valid.to(self.device)[:, None]
-        with self._dropout():
+        with self.loss_pass():
             hidden = self.policy_hidden(batch)
         ref_hidden = scores["ref_hidden"][rmask] if "ref_hidden" in scores else None
         stats = self.token_stats(hidden[rmask], ref_hidden, batch, self.full_kl, entropy=True)
@@ -330,16 +327,6 @@ class PPO(OnPolicyModule):
             loss = loss + self.kl_coef * kl_term
             metrics["loss/kl"] = kl_term.detach()
         return loss, metrics
-
-    @contextmanager
-    def _dropout(self) -> Iterator[None]:
-        """Train mode (LoRA dropout) for the loss forward only, when dropout is configured."""
-        if self.lora_dropout > 0:
-            self.policy.train()
-        try:
-            yield
-        finally:
-            self.policy.eval()
 
     def extra_metrics(self) -> dict[str, float]:
         lora_norm = sum(float(p.detach().float().pow(2).sum()) for p in self.lora.trainable_state().values()) ** 0.5

@@ -172,16 +172,16 @@ class SteeringVectorRL(OnPolicyModule):
 
     def update(self, batch: Experience) -> dict[str, float]:
         """One optimizer step over all micro-batches (REINFORCE is on-policy: one step per rollout)."""
-        rows = torch.arange(len(batch.rollout.prompts))
-        chunks = [batch.select(rows[i : i + self.batch_size]) for i in range(0, len(rows), self.batch_size)]
-        return self.optimizer_step_on(chunks, self.micro_batch_loss)
+        return self.optimizer_step_on(self.chunks(batch, torch.arange(len(batch.rollout.prompts))),
+                                      self.micro_batch_loss)
 
     def micro_batch_loss(self, experience: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch, valid = experience.rollout, experience.valid.to(self.device)
         mask = batch.response_mask.bool()
         ref_hidden = experience.scores.get("ref_hidden")
-        stats = self.token_stats(self.policy_hidden(batch)[mask], None if ref_hidden is None else ref_hidden[mask],
-                                 batch, self.full_kl)
+        with self.loss_pass():
+            hidden = self.policy_hidden(batch)[mask]
+        stats = self.token_stats(hidden, None if ref_hidden is None else ref_hidden[mask], batch, self.full_kl)
         logp, ref_logp = stats.logp, experience.scores["ref_logp"][mask]
         log_ratio = per_sequence_sum(sampled_log_ratio(logp.detach(), ref_logp), mask)
         if self.kl_penalty is None:  # folded into the reward before the advantages

@@ -180,7 +180,7 @@ def test_steering_loss_is_pinned_on_fixed_tensors(tiny_llama_dir, estimator, zsc
     expected = PINNED_STEERING_LOSS[(estimator, zscore)]
     got = (loss.item(), module.steering_vector.v.grad.norm().item(), module.steering_vector.alpha.grad.item(),
            metrics["kl/seq"].item())
-    assert got == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert got == pytest.approx(expected, rel=2e-4, abs=1e-6)  # BLAS thread counts move the last digits
 
 
 def test_an_update_without_any_reward_takes_no_step_and_the_run_stops_with_the_judge_named(tiny_llama_dir, tmp_path,
