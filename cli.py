@@ -36,7 +36,8 @@ TOOLS = {  # subcommand -> "module:function(argv)"
     "oracle-sft": "modules.oracle.commands:oracle_sft",
     "vibes-check": "modules.oracle.commands:vibes_check",
 }
-METHODS = ["modules.steering_rl.SteeringVectorRL", "modules.ppo.PPO", "modules.oracle_grpo.OracleGRPO"]
+METHODS = ["modules.steering_rl.SteeringVectorRL", "modules.ppo.PPO", "modules.sarm_ppo.SARMFeaturePPO",
+           "modules.oracle_grpo.OracleGRPO"]
 DATAMODULES = ["datamodules.prompts.PromptDataModule"]
 
 
@@ -59,6 +60,7 @@ def run_training(argv: list[str] | None) -> None:
     import datamodules.prompts  # noqa: F401  (registers the subclasses for --help and short names)
     import modules.oracle_grpo  # noqa: F401
     import modules.ppo  # noqa: F401
+    import modules.sarm_ppo  # noqa: F401
     import modules.steering_rl  # noqa: F401
     from modules.on_policy import OnPolicyModule
 
