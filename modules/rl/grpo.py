@@ -252,7 +252,7 @@ def update_totals(response_masks: Sequence[torch.Tensor], valids: Sequence[torch
                   max_completion_length: int) -> UpdateTotals:
     """:class:`UpdateTotals` from each micro-batch's [B, T] response mask and [B] valid flags."""
     replies = sum(int(v.sum()) for v in valids)
-    tokens = sum(int((m * v.to(m.dtype)[:, None]).sum()) for m, v in zip(response_masks, valids))
+    tokens = sum(int((m * v.to(m.device, m.dtype)[:, None]).sum()) for m, v in zip(response_masks, valids))
     return UpdateTotals(replies, tokens, len(response_masks), max_completion_length)
 
 
