@@ -69,11 +69,12 @@ class TrainingCurves(L.Callback):
         if not self.steps:
             return
         print(f"\ntraining curves over {len(self.steps)} updates (first → last):")
+        width = max([18, *(len(name) for name in self.metrics)])
         for name in self.metrics:
             values = self.history.get(name, [])
             finite = [v for v in values if math.isfinite(v)]
             if finite:
-                print(f"  {name:<18} {values[0]:>9.4f} {sparkline(values)} {values[-1]:.4f}")
+                print(f"  {name:<{width}} {values[0]:>9.4f} {sparkline(values)} {values[-1]:.4f}")
         if self.png:
             self._write_png(Path(trainer.default_root_dir) / "curves.png")
 
