@@ -317,6 +317,25 @@ class OnPolicyModule(L.LightningModule):
     def export_artifacts(self, run_dir: Path, update: int, final: bool) -> None:
         """Portable files beside a checkpoint (a steering vector, a PEFT adapter)."""
 
+    def minibatch_passes(self, batch: Experience, passes: int, num_minibatches: int,
+                         step: Callable[[int, list[Experience]], dict[str, float]],
+                         stop_after: Callable[[list[dict[str, float]]], bool] | None = None) -> list[dict[str, float]]:
+        """``passes`` passes over the rollout batch's rows, each shuffled (seeded by the run seed and
+        the update, so a resumed run shuffles alike) into ``num_minibatches`` equal minibatches;
+        ``step(pass_index, chunks)`` makes one optimizer step on a minibatch's chunks. After each
+        pass ``stop_after(that pass's step metrics)`` may end the update early (PPO's target KL)."""
+        rows = len(batch.rollout.prompts)
+        size = rows // num_minibatches
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rollout_batches_done)
+        steps: list[dict[str, float]] = []
+        for index in range(passes):
+            order = torch.randperm(rows, generator=generator)
+            this_pass = [step(index, self.chunks(batch, order[start : start + size])) for start in range(0, rows, size)]
+            steps.extend(this_pass)
+            if stop_after is not None and stop_after(this_pass):
+                break
+        return steps
+
     def chunks(self, batch: Experience, rows: torch.Tensor) -> list[Experience]:
         """``rows`` of ``batch`` in chunks of ``update_batch_size`` (one forward/backward each)."""
         size = self.update_batch_size

@@ -44,7 +44,6 @@ import torch
 
 from modules.errors import UserError
 from modules.models.adapters import LoRAPolicy
-from modules.models.loading import load_causal_lm
 from modules.oracle.batch import build_oracle_batch, injection_from_records
 from modules.oracle.calibration import (brier_score, calibration_summary, format_reliability_table,
                                         reliability_diagram, reliability_table, table_as_dicts)
@@ -54,7 +53,8 @@ from modules.oracle.injection import ActivationInjection
 from modules.oracle.reward import OracleReward
 from modules.oracle.scheme import DEFAULT_LAYER_PERCENTS, adapter_scheme, layers_for_percents
 from modules.oracle.sft import resolve_oracle_adapter
-from modules.on_policy import Experience, OnPolicyModule, PromptBatch
+from modules.lora_method import LoRAMethod
+from modules.on_policy import Experience, PromptBatch
 from modules.rewards import RewardFunction
 from modules.rl import grpo
 from modules.rl.losses import scatter_to_rows
@@ -72,7 +72,7 @@ def runs_of_same_row(records: Sequence[dict]) -> tuple[list[dict], list[int]]:
     return distinct, index
 
 
-class OracleGRPO(OnPolicyModule):
+class OracleGRPO(LoRAMethod):
     """GRPO / Dr. GRPO on an activation-oracle LoRA adapter.
 
     Args:
@@ -129,16 +129,12 @@ class OracleGRPO(OnPolicyModule):
         self.aggregate = grpo.loss_aggregation(loss_type)
         if scale_rewards not in grpo.REWARD_SCALES:
             raise UserError(f"unknown scale_rewards '{scale_rewards}': use one of {', '.join(grpo.REWARD_SCALES)}")
-        for name, value in (("num_iterations", num_iterations), ("num_minibatches", num_minibatches),
-                            ("logit_chunk_tokens", logit_chunk_tokens)):
+        for name, value in (("num_iterations", num_iterations), ("logit_chunk_tokens", logit_chunk_tokens)):
             if value < 1:
                 raise UserError(f"{name} must be at least 1, got {value}")
+        self.check_minibatches(num_minibatches)
         if not epsilon > 0 or (epsilon_high is not None and not epsilon_high > 0) or beta < 0:
             raise UserError(f"epsilon and epsilon_high must be > 0 and beta >= 0, got {epsilon}, {epsilon_high}, {beta}")
-        rows = self.batch_size * self.grad_accum
-        if rows % num_minibatches:
-            raise UserError(f"num_minibatches ({num_minibatches}) must split the rollout batch of {rows} rows into "
-                            "equal minibatches")
         if not 1 <= num_positions <= 20:
             raise UserError(f"num_positions must be between 1 and 20, got {num_positions}")
         self.model_name = model
@@ -162,14 +158,7 @@ class OracleGRPO(OnPolicyModule):
         self._calibration: list[torch.Tensor] = []  # [n, 3] (parsed, confidence, informativeness) since a checkpoint
         self._group_metrics: dict[str, float] = {}
 
-    def load_base(self, model: str, dtype: str, load_in_4bit: bool):
-        """The frozen base model and its tokenizer (a subclass may build them another way, e.g. benchmarks)."""
-        return load_causal_lm(model, dtype, load_in_4bit=load_in_4bit)
-
     # -- the on-policy loop's parts ------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        self.reward.to(self.device)
-
     def preflight(self, datamodule=None) -> None:
         for split in ("train", "heldout"):
             for number, row in enumerate(getattr(datamodule, f"{split}_records", None) or [], 1):
@@ -177,14 +166,6 @@ class OracleGRPO(OnPolicyModule):
                     raise UserError(f"{split} data row {number}: an oracle row needs a non-empty 'context' "
                                     "(the text the subject reads)")
         super().preflight(datamodule)
-
-    def reference(self):
-        """The oracle as training started: the frozen copy of the starting adapter."""
-        return self.lora.reference()
-
-    def interventions_off(self):
-        """The subject: every adapter off."""
-        return self.lora.base()
 
     def rollout_micro_batch(self, prompts: PromptBatch, seed: int) -> Rollout:
         distinct, index = runs_of_same_row(prompts.records)  # extract once per group, not G times
@@ -225,19 +206,15 @@ class OracleGRPO(OnPolicyModule):
             self._calibration.append(torch.stack([scored.float(), features["confidence"], features["informativeness"]], 1))
 
     def update(self, batch: Experience) -> dict[str, float]:
-        rows = len(batch.rollout.prompts)
-        size = rows // self.num_minibatches
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rollout_batches_done)
-        steps: list[dict[str, float]] = []
-        for iteration in range(self.num_iterations):
-            order = torch.randperm(rows, generator=generator) if self.num_minibatches > 1 else torch.arange(rows)
-            for start in range(0, rows, size):
-                picked = order[start : start + size]
-                chunks = self.chunks(batch, picked)
-                totals = grpo.update_totals([c.rollout.response_mask for c in chunks], [c.valid for c in chunks],
-                                            self.sampling.max_new_tokens)
-                steps.append(self.optimizer_step_on(
-                    chunks, lambda chunk: self.chunk_loss(chunk, iteration, totals), losses_are_shares=True))
+        """``num_iterations`` passes, each ``num_minibatches`` optimizer steps; a chunk's loss is its
+        share of its step's loss (normalised by counts of the whole step)."""
+        def step(iteration: int, chunks: list[Experience]) -> dict[str, float]:
+            totals = grpo.update_totals([c.rollout.response_mask for c in chunks], [c.valid for c in chunks],
+                                        self.sampling.max_new_tokens)
+            return self.optimizer_step_on(chunks, lambda chunk: self.chunk_loss(chunk, iteration, totals),
+                                          losses_are_shares=True)
+
+        steps = self.minibatch_passes(batch, self.num_iterations, self.num_minibatches, step)
         metrics = {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]}
         metrics.update(self._group_metrics)
         return metrics

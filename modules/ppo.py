@@ -47,8 +47,8 @@ from torch import nn
 from modules.errors import UserError
 from modules.judges.rewards import HONEST_PERSONA, SYCOPHANT_PERSONA, PersonaReward
 from modules.models.adapters import LoRAPolicy
-from modules.models.loading import load_causal_lm
-from modules.on_policy import Experience, OnPolicyModule, PromptBatch
+from modules.lora_method import LoRAMethod
+from modules.on_policy import Experience, PromptBatch
 from modules.rewards import RewardFunction
 from modules.rl import ppo as ppo_math
 from modules.rl.kl import KLEstimator, exact_kl, k3_kl
@@ -78,7 +78,7 @@ class ValueHead(nn.Module):
         return self.linear(hidden.float()).squeeze(-1)
 
 
-class PPO(OnPolicyModule):
+class PPO(LoRAMethod):
     """PPO on a LoRA adapter of a frozen chat model, with a value head.
 
     Args:
@@ -177,10 +177,6 @@ class PPO(OnPolicyModule):
         self.logit_chunk_tokens = logit_chunk_tokens
         self._advantage_metrics: dict[str, float] = {}
 
-    def load_base(self, model: str, dtype: str, load_in_4bit: bool):
-        """The frozen base model and its tokenizer (a subclass may build them another way, e.g. benchmarks)."""
-        return load_causal_lm(model, dtype, load_in_4bit=load_in_4bit)
-
     def _check_options(self, kl_estimator, kl_coef, gamma, lam, clip_range, clip_range_value, value_coef,
                        entropy_coef, ppo_epochs, num_minibatches, target_kl, rollouts, logit_chunk_tokens) -> None:
         if kl_estimator not in KL_LOSS_TERMS:
@@ -196,21 +192,14 @@ class PPO(OnPolicyModule):
         for name, value in (("clip_range", clip_range), ("clip_range_value", clip_range_value)):
             if not value > 0:
                 raise UserError(f"{name} must be > 0, got {value}")
-        for name, value in (("ppo_epochs", ppo_epochs), ("num_minibatches", num_minibatches),
-                            ("logit_chunk_tokens", logit_chunk_tokens)):
+        for name, value in (("ppo_epochs", ppo_epochs), ("logit_chunk_tokens", logit_chunk_tokens)):
             if value < 1:
                 raise UserError(f"{name} must be at least 1, got {value}")
-        rows = self.batch_size * self.grad_accum
-        if rows % num_minibatches:
-            raise UserError(f"num_minibatches ({num_minibatches}) must split the rollout batch of {rows} rows "
-                            "(batch_size x grad_accum) into equal minibatches")
+        self.check_minibatches(num_minibatches)
         if target_kl is not None and not target_kl > 0:
             raise UserError(f"target_kl must be > 0 (or null), got {target_kl}")
 
     # -- the on-policy loop's parts ------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        self.reward.to(self.device)
-
     def preflight(self, datamodule=None) -> None:
         if self.rollout_source == "from_data" and datamodule is not None:
             for number, row in enumerate(getattr(datamodule, "train_records", []), 1):
@@ -218,13 +207,6 @@ class PPO(OnPolicyModule):
                     raise UserError(f"train data row {number}: rollouts: from_data needs a text field "
                                     f"'{self.response_field}' in every row (use a .jsonl or .json file)")
         super().preflight(datamodule)
-
-    def reference(self):
-        """The policy as training started (adapter off, or the frozen starting adapter)."""
-        return self.lora.reference()
-
-    def interventions_off(self):
-        return self.lora.base()
 
     def rollout_micro_batch(self, prompts: PromptBatch, seed: int) -> Rollout:
         prompts = prompts.to(self.device)
@@ -277,24 +259,14 @@ class PPO(OnPolicyModule):
 
     def update(self, batch: Experience) -> dict[str, float]:
         """``ppo_epochs`` passes, each ``num_minibatches`` optimizer steps over shuffled rows."""
-        rows = len(batch.rollout.prompts)
-        size = rows // self.num_minibatches
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rollout_batches_done)
-        steps: list[dict[str, float]] = []
-        epochs_run = 0
-        for _ in range(self.ppo_epochs):
-            order = torch.randperm(rows, generator=generator)
-            epoch = []
-            for start in range(0, rows, size):
-                picked = order[start : start + size]
-                epoch.append(self.optimizer_step_on(self.chunks(batch, picked), self.minibatch_loss))
-            steps.extend(epoch)
-            epochs_run += 1
-            if self.target_kl is not None and sum(m["kl/approx"] for m in epoch) / len(epoch) > self.target_kl:
-                break
+        def too_far(epoch: list[dict[str, float]]) -> bool:
+            return self.target_kl is not None and sum(m["kl/approx"] for m in epoch) / len(epoch) > self.target_kl
+
+        steps = self.minibatch_passes(batch, self.ppo_epochs, self.num_minibatches,
+                                      lambda epoch, chunks: self.optimizer_step_on(chunks, self.minibatch_loss), too_far)
         metrics = {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]}
         metrics.update(self._advantage_metrics)
-        metrics["ppo/epochs"] = float(epochs_run)
+        metrics["ppo/epochs"] = len(steps) / self.num_minibatches
         metrics["ppo/optimizer_steps"] = float(len(steps))
         return metrics
 

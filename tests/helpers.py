@@ -76,3 +76,27 @@ def loss_of(module, rollout, rewards):
         module.score(experience)
     module.compute_advantages(experience)
     return module.micro_batch_loss(experience)
+
+
+def assert_refused(run, capsys, message: str, run_dir) -> None:
+    """``run()`` (a CLI call) ends with exit 2, exactly one ``error:`` line holding ``message``, no
+    traceback, and no run folder."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert not run_dir.exists()
+
+
+def train(module, data, tmp_path, callbacks=()) -> L.Trainer:
+    """Fit ``module`` on a datamodule with no logger, checkpoints or progress bars (learning tests)."""
+    trainer = L.Trainer(max_epochs=-1, default_root_dir=str(tmp_path), logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=list(callbacks))
+    trainer.fit(module, datamodule=data)
+    return trainer

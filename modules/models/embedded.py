@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from modules.errors import UserError
 
@@ -56,6 +57,27 @@ def cached_folder(name: str) -> Path:
     return target
 
 
+def write_cached_folder(target: Path, fill: Callable[[Path], None], marker: str, replace: bool = False) -> Path:
+    """Build a cache folder atomically: ``fill`` writes into a temporary folder beside ``target``,
+    which is then renamed into place, so an interrupted build never leaves a folder that looks
+    complete. ``marker`` is a file every complete folder holds; ``replace`` rebuilds over a
+    complete one. If another process finished first, its folder is kept (it is as good as ours)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        fill(tmp)
+        if replace and target.exists():
+            shutil.rmtree(target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / marker).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def _convert(source: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -66,15 +88,8 @@ def _convert(source: Path, target: Path) -> None:
     model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first; theirs is as good as ours
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    write_cached_folder(target, fill, "config.json")

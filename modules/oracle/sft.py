@@ -37,11 +37,8 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import random
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +48,7 @@ import torch.nn.functional as F
 
 from datamodules.oracle_data import DEFAULT_ORACLE_HELDOUT, DEFAULT_ORACLE_TRAIN, read_oracle_rows, resolve_path
 from modules.errors import UserError
-from modules.models.embedded import cache_root
+from modules.models.embedded import cache_root, write_cached_folder
 from modules.oracle.batch import OracleBatch, build_oracle_batch, left_pad
 from modules.oracle.format import (FORMAT_SYSTEM_PROMPT, ParseStats, encode_oracle_prompt, format_reply,
                                    oracle_messages, parse_reply, render_chat)
@@ -330,17 +327,5 @@ def build_sft_adapter(options: SFTOptions, cache_dir: str | Path | None = None, 
         return target
     log(f"[oracle-sft] building the oracle adapter (cached in {target})")
     model, _, report = train_sft(options, log)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        save_adapter(model, options, report, tmp)
-        if force and target.exists():
-            shutil.rmtree(target)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first; theirs is as good as ours
-            if not (target / "ao_config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return write_cached_folder(target, lambda folder: save_adapter(model, options, report, folder), "ao_config.json",
+                               replace=force)

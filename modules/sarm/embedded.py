@@ -40,9 +40,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +50,7 @@ from datamodules.preference_pairs import (DEFAULT_HELDOUT_PAIRS, DEFAULT_TRAIN_P
                                           read_preference_pairs)
 from datamodules.prompts import resolve_path
 from modules.errors import UserError
+from modules.models.embedded import write_cached_folder
 from modules.sarm.checkpoint import write_sarm_folder
 from modules.sarm.sae import train_topk_sae
 
@@ -313,20 +311,8 @@ def build_cached(options: BuildOptions, progress: bool = True, rebuild: bool = F
     target = cache_folder_for(options)
     if (target / "config.json").is_file() and not rebuild:
         return target, False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        report = build_embedded_sarm(options, tmp, progress)
-        _say(progress, report.format())
-        if rebuild and target.exists():
-            shutil.rmtree(target)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first; theirs is as good as ours
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_cached_folder(target, lambda folder: _say(progress, build_embedded_sarm(options, folder, progress).format()),
+                        "config.json", replace=rebuild)
     _say(progress, f"cached in {target}")
     return target, True
 
