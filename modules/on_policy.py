@@ -32,20 +32,19 @@ exactly where an uninterrupted run would be. The frozen base model is rebuilt fr
 from __future__ import annotations
 
 import logging
-import math
 import time
 from abc import abstractmethod
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import lightning as L
 import torch
 from tqdm.auto import tqdm
 
 from modules.errors import UserError
-from modules.rewards import PendingRewards, RewardFunction, Rewards
+from modules.experience import Experience, LRSchedule, PromptBatch, lr_factor  # noqa: F401  (re-exported)
+from modules.rewards import PendingRewards, RewardFunction
 from modules.rl.advantages import ema_update, masked_mean, masked_std
 from modules.rl.kl import exact_kl
 from modules.rl.losses import TokenStats, response_token_stats
@@ -53,111 +52,8 @@ from modules.rollout import Rollout, SamplingConfig, response_hidden_states
 
 log = logging.getLogger(__name__)
 
-LRSchedule = Literal["constant", "linear", "cosine"]
-
-
 class TrainingStopped(UserError):
     """Training cannot make progress (no reward signal, NaN losses); checkpoints so far are intact."""
-
-
-@dataclass
-class PromptBatch:
-    """Prompts of one rollout batch, chat template applied and left-padded."""
-
-    index: int
-    """Position of this rollout batch in the prompt schedule (seeds the rollouts)."""
-    prompts: list[str]
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    records: list[dict] = field(default_factory=list)
-    """The data row each prompt came from (reference answers, baseline replies, precomputed rewards)."""
-
-    def split(self, size: int) -> list["PromptBatch"]:
-        parts = []
-        for start in range(0, len(self.prompts), size):
-            ids, mask = self.input_ids[start : start + size], self.attention_mask[start : start + size]
-            keep = int(mask.sum(0).nonzero()[0]) if mask.any() else 0  # drop all-padding columns
-            parts.append(PromptBatch(self.index, self.prompts[start : start + size], ids[:, keep:], mask[:, keep:],
-                                     self.records[start : start + size]))
-        return parts
-
-    def repeat(self, times: int) -> "PromptBatch":
-        """Every prompt ``times`` times in a row (the samples of one group)."""
-        if times == 1:
-            return self
-        return PromptBatch(self.index, [p for p in self.prompts for _ in range(times)],
-                           self.input_ids.repeat_interleave(times, 0), self.attention_mask.repeat_interleave(times, 0),
-                           [r for r in self.records for _ in range(times)])
-
-    def to(self, device) -> "PromptBatch":
-        return PromptBatch(self.index, self.prompts, self.input_ids.to(device), self.attention_mask.to(device),
-                           self.records)
-
-
-@dataclass
-class Experience:
-    """Rows of a rollout batch (a micro-batch, the whole batch, or a minibatch) and what the update needs."""
-
-    rollout: Rollout
-    rewards: Rewards
-    group: torch.Tensor
-    """[B] group id: rows sampled from the same prompt share it (unique within a rollout batch)."""
-    scores: dict[str, torch.Tensor] = field(default_factory=dict)
-    """From the score pass: per-row [B, ...] or per-token [B, R, ...] tensors (R = response width)."""
-    advantages: torch.Tensor | None = None
-    """[B] (one per reply) or [B, R] (per token)."""
-    returns: torch.Tensor | None = None
-    """[B, R] value targets (methods with a value head)."""
-
-    @property
-    def valid(self) -> torch.Tensor:
-        return self.rewards.valid
-
-    def _per_token(self, t: torch.Tensor) -> bool:
-        return t.dim() >= 2 and tuple(t.shape[:2]) == tuple(self.rollout.response_ids.shape)
-
-    def select(self, rows: torch.Tensor) -> "Experience":
-        """The given rows; response columns beyond the longest selected reply are dropped."""
-        rollout = self.rollout.select(rows)
-        width = rollout.response_ids.shape[1]
-
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
-            picked = t[rows.to(t.device)]
-            return picked[:, :width] if self._per_token(t) else picked
-
-        return Experience(rollout, self.rewards.select(rows), self.group[rows.to(self.group.device)],
-                          {k: pick(v) for k, v in self.scores.items()}, pick(self.advantages), pick(self.returns))
-
-    @staticmethod
-    def concat(parts: list["Experience"], pad_id: int) -> "Experience":
-        """Rows of several experiences (scored, before advantages), re-padded to common widths."""
-        rollout = Rollout.concat([p.rollout for p in parts], pad_id)
-        width = rollout.response_ids.shape[1]
-
-        def cat(key: str) -> torch.Tensor:
-            tensors = [p.scores[key] for p in parts]
-            if all(p._per_token(t) for p, t in zip(parts, tensors)):
-                tensors = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]))
-                           for t in tensors]
-            return torch.cat(tensors)
-
-        keys = [k for k in parts[0].scores if all(k in p.scores for p in parts)]
-        return Experience(rollout, Rewards.concat([p.rewards for p in parts]), torch.cat([p.group for p in parts]),
-                          {k: cat(k) for k in keys})
-
-
-def lr_factor(update: int, total: int, warmup: int, schedule: LRSchedule) -> float:
-    """Multiplier of the learning rate after ``update`` completed updates (linear warm-up first)."""
-    if warmup > 0 and update < warmup:
-        return (update + 1) / (warmup + 1)
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (update - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class OnPolicyModule(L.LightningModule):
