@@ -26,19 +26,28 @@ Where this departs from seed 000:
    the seed's fallback returned a reward of 0.
 8. Rewards are z-scored over the whole rollout batch (all micro-batches, all ranks), not per
    micro-batch, and the loss is the mean over every valid sample of the batch.
+9. Held-out reports also score replies with an evaluation judge the training never saw
+   (``eval_persona``/``eval_counter_persona``, other wording by default, and optionally
+   ``eval_judge``, another model or endpoint); a warning says when its personas are the training ones.
+10. ``v`` (and ``alpha``) can start from a saved vector file (``init_from``, e.g. a CAA vector from
+    ``python cli.py caa``); ``using_vector`` makes the policy any other vector for a while (the arms
+    of ``python cli.py evaluate``).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from modules.errors import UserError
+from modules.evaluation import EVAL_HONEST_PERSONA, EVAL_SYCOPHANT_PERSONA, evaluation_reward
 from modules.judges.base import Judge
 from modules.judges.rewards import HONEST_PERSONA, SYCOPHANT_PERSONA, PersonaReward, RewardMode
 from modules.models.loading import load_causal_lm
-from modules.models.steering_io import save_steering_vector
+from modules.models.steering_io import read_steering_vector, save_steering_vector
 from modules.models.steering import HookPoint, SteerPositions, Steering, SteeringVector
 from modules.on_policy import Experience, OnPolicyModule, PromptBatch
 from modules.rl.advantages import advantage_fn, masked_mean
@@ -79,6 +88,12 @@ class SteeringVectorRL(OnPolicyModule):
         kl_estimator: ``exact`` (full vocabulary, default), ``k3`` (as a loss), or ``reward``
             (sampled log-ratio folded into the reward).
         logit_chunk_tokens: Response tokens projected to the vocabulary at a time (bounds memory).
+        eval_judge: The evaluation judge's backend for held-out reports (None: the training judge's).
+        eval_persona: The evaluation judge's persona (default: the training persona's stance in other words).
+        eval_counter_persona: The evaluation judge's counter-persona (``contrast`` mode).
+        init_from: A steering vector file (e.g. ``python cli.py caa``) whose ``v`` and ``alpha`` start
+            training; it must have been made at this hook_layer and hook_point (None: ``init_std``).
+        init_scale: Multiplies the loaded ``alpha`` (``init_from`` only).
     """
 
     arm_names = ("vector off", "vector on")
@@ -104,10 +119,15 @@ class SteeringVectorRL(OnPolicyModule):
         kl_coef: float = 0.2,
         kl_estimator: KLEstimator = "exact",
         logit_chunk_tokens: int = 1024,
+        eval_judge: Judge | None = None,
+        eval_persona: str = EVAL_SYCOPHANT_PERSONA,
+        eval_counter_persona: str = EVAL_HONEST_PERSONA,
+        init_from: str | None = None,
+        init_scale: float = 1.0,
         **loop_options,
     ) -> None:
         super().__init__(**loop_options)
-        self.save_hyperparameters(ignore=["judge"])
+        self.save_hyperparameters(ignore=["judge", "eval_judge"])
         if kl_estimator not in KL_PENALTIES:
             raise UserError(f"unknown kl_estimator '{kl_estimator}': use exact, k3 or reward")
         if kl_coef < 0:
@@ -123,10 +143,15 @@ class SteeringVectorRL(OnPolicyModule):
         self.tokenizer.padding_side = "left"
         hidden = self.policy.config.hidden_size
         self.steering_vector = SteeringVector(hidden, init_std, alpha_init, train_alpha)
+        if init_from:
+            self._init_from(init_from, hook_layer, hook_point, init_scale)
         self.steering = Steering(self.policy, self.steering_vector, hook_layer, hook_point, steer_positions, steer_last_k)
         self.reward = PersonaReward(judge, reward_mode, judge_persona, counter_persona, reward_length_normalize)
-        self.reward.attach(self.policy, self.tokenizer, self.steering.disabled)
+        self.reward.attach(self.policy, self.tokenizer, self.interventions_off)
         self.judge = self.reward.judge
+        self.eval_reward = evaluation_reward(self.reward, eval_judge, eval_persona, eval_counter_persona,
+                                             reward_length_normalize)
+        self.eval_reward.attach(self.policy, self.tokenizer, self.interventions_off)
         self.advantages = advantage_fn(use_reward_normalization)
         self.kl_estimator, self.kl_coef, self.logit_chunk_tokens = kl_estimator, kl_coef, logit_chunk_tokens
         self.kl_penalty = KL_PENALTIES[kl_estimator]  # None: the log-ratio is folded into the reward
@@ -137,12 +162,49 @@ class SteeringVectorRL(OnPolicyModule):
         return load_causal_lm(model, dtype)
 
     # -- the on-policy loop's parts ------------------------------------------------------------
+    def _init_from(self, path: str, hook_layer: int, hook_point: str, scale: float) -> None:
+        payload = read_steering_vector(path)
+        meta = payload["metadata"]
+        if payload["v"].numel() != self.steering_vector.v.numel():
+            raise UserError(f"init_from '{path}' has {payload['v'].numel()} dims; the model's hidden size is "
+                            f"{self.steering_vector.v.numel()}")
+        if (meta.get("hook_layer"), meta.get("hook_point")) != (hook_layer, hook_point):
+            raise UserError(f"init_from '{path}' was made at layer {meta.get('hook_layer')} "
+                            f"({meta.get('hook_point')}), but this run steers layer {hook_layer} ({hook_point})")
+        self.steering_vector.load_(payload["v"], payload["alpha"] * scale)
+
     def setup(self, stage: str) -> None:
         self.reward.to(self.device)
+        self.eval_reward.to(self.device)
 
     def reference(self):
         """The reference policy: the same model with the steering switched off."""
         return self.steering.disabled()
+
+    def interventions_off(self):
+        """The bare base model: whatever steering is in place now (see ``using_vector``) switched off."""
+        return self.steering.disabled()
+
+    @contextmanager
+    def using_vector(self, v: torch.Tensor, alpha: float | torch.Tensor = 1.0, layer: int | None = None,
+                     hook_point: str | None = None, positions: str | None = None,
+                     last_k: int | None = None) -> Iterator[None]:
+        """The policy steered by ``alpha * v`` (at this run's site and positions unless given)
+        instead of its own vector, until the context ends; ``reference()`` inside is still the
+        unsteered model. A held-out comparison's arms are made of this."""
+        own = self.steering
+        vector = SteeringVector(v.numel()).load_(v.detach().float().cpu(), torch.as_tensor(alpha, dtype=torch.float32))
+        vector.requires_grad_(False).to(self.device)
+        arm = Steering(self.policy, vector, own.layer if layer is None else layer, hook_point or own.hook_point,
+                       positions or own.positions, own.last_k if last_k is None else last_k)
+        previous, own.enabled = own.enabled, False
+        self.steering = arm
+        try:
+            yield
+        finally:
+            self.steering = own
+            own.enabled = previous
+            arm.remove()
 
     def rollout_micro_batch(self, prompts: PromptBatch, seed: int) -> Rollout:
         prompts = prompts.to(self.device)

@@ -1,17 +1,27 @@
-"""``cli.py generate`` and ``cli.py evaluate``: use a trained steering vector outside training.
+"""``cli.py generate`` and ``cli.py evaluate``: use saved steering vectors outside training.
 
     python cli.py generate --vector RUN/steering_vector.pt --prompt "I think 0.1 + 0.2 = 0.3 exactly. Right?"
     python cli.py generate --vector RUN/steering_vector.pt --prompts_file my_prompts.txt --scale 1.5
     python cli.py evaluate --vector RUN/steering_vector.pt --samples_per_prompt 2
+    python cli.py evaluate --vector RUN/steering_vector.pt --scales 0.5 1 1.5 \\
+        --caa steering_runs/caa/caa.pt --caa_multipliers 1 2 4 8 --files other=OTHER.pt --output_dir DIR
     python cli.py evaluate --vector RUN/steering_vector.pt \\
-        --judge.class_path modules.judges.openai_compat.OpenAICompatibleJudge \\
-        --judge.init_args.base_url http://127.0.0.1:8000/v1 --judge.init_args.model my-judge
+        --eval_judge.class_path modules.judges.openai_compat.OpenAICompatibleJudge \\
+        --eval_judge.init_args.base_url http://127.0.0.1:8000/v1 --eval_judge.init_args.model my-judge
+
+``evaluate`` compares interventions on the same held-out prompts and sampling seeds
+(:func:`modules.evaluation.compare_interventions`): the vector off; the trained vector at several
+scales of ``alpha·v``; a CAA vector (``cli.py caa``) at several multipliers; any other saved vector
+files. Each is scored by the training judge and by an evaluation judge (other persona wording by
+default, or another judge); it prints a table and replies side by side, and with ``--output_dir``
+writes ``comparison.json``, ``comparison.txt`` and ``frontier.png`` (reward vs KL).
 """
 
 from __future__ import annotations
 
 import json
 from argparse import ArgumentError
+from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentParser
@@ -22,14 +32,13 @@ from modules.judges.base import Judge
 from modules.models.steering_io import load_steered_model, read_steering_vector
 
 
-def _parser(prog: str, description: str) -> ArgumentParser:
+def _parser(prog: str, description: str, vector_required: bool = True) -> ArgumentParser:
     parser = ArgumentParser(prog=f"cli.py {prog}", description=description, exit_on_error=False)
-    parser.add_argument("--vector", type=str, required=True, help="A steering_vector.pt (or vectors/stepN.pt) file.")
+    parser.add_argument("--vector", type=str if vector_required else str | None, required=vector_required,
+                        default=None, help="A steering_vector.pt (or vectors/updateN.pt) file.")
     parser.add_argument("--model", type=str | None, default=None, help="Base model (default: the one in the file).")
     parser.add_argument("--prompts_file", type=str | None, default=None, help="Prompts, .txt or .jsonl.")
-    parser.add_argument("--max_new_tokens", type=int, default=64, help="Most tokens per reply.")
-    parser.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature.")
-    parser.add_argument("--seed", type=int, default=0, help="Sampling seed (the same for both arms).")
+    parser.add_argument("--seed", type=int, default=0, help="Sampling seed (the same for every arm).")
     parser.add_argument("--dtype", type=str, default="auto", help="auto, bfloat16, float16 or float32.")
     return parser
 
@@ -44,6 +53,8 @@ def _parse(parser: ArgumentParser, argv: list[str]):
 def generate(argv: list[str]) -> None:
     """Print replies with the vector off and on, same sampling seed."""
     parser = _parser("generate", "Replies of the base model with a steering vector off and on.")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="Most tokens per reply.")
+    parser.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature.")
     parser.add_argument("--prompt", type=str, action="append", default=[], help="A prompt (repeat the flag for more).")
     parser.add_argument("--scale", type=float, default=1.0, help="Multiply alpha by this (explore strengths).")
     args = _parse(parser, argv)
@@ -65,38 +76,135 @@ def generate(argv: list[str]) -> None:
         print(f"=== {prompt}\n[off] {reply_off}\n[ on] {reply_on}\n")
 
 
-def evaluate(argv: list[str]) -> None:
-    """Held-out report (reward on vs off, KL, lengths) for a saved vector."""
-    parser = _parser("evaluate", "Held-out evaluation of a saved steering vector.")
-    parser.add_argument("--samples_per_prompt", type=int, default=2, help="Replies per prompt and arm.")
-    parser.add_argument("--batch_size", type=int, default=16, help="Prompts per generate call.")
-    parser.add_argument("--judge", type=Judge | None, default=None,
-                        help="Judge (default: the base model itself as a local judge).")
-    parser.add_argument("--reward_mode", type=str | None, default=None, help="loglik or contrast (default: as trained).")
-    parser.add_argument("--output", type=str | None, default=None, help="Also write the report as JSON here.")
-    args = _parse(parser, argv)
-    init = parser.instantiate_classes(args)
-    payload = read_steering_vector(args.vector)
+def _named_files(items: list[str]) -> list[tuple[str, str]]:
+    """``NAME=PATH`` or ``PATH`` (named after the file; a folder's name for steering_vector.pt)."""
+    named = []
+    for item in items:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        if not name:
+            p = Path(path)
+            name = p.parent.name if p.stem == "steering_vector" and p.parent.name else p.stem
+        named.append((name, path))
+    return named
+
+
+def vector_arm(module, name: str, payload: dict, scale: float, method: str):
+    """An arm of the comparison: ``module``'s policy steered by the file's ``alpha·v`` times ``scale``."""
+    from modules.evaluation import Intervention
+
     meta = payload["metadata"]
-    config = dict(meta.get("config", {}))
-    from modules.evaluation import evaluate_intervention
+
+    def enter():
+        return module.using_vector(payload["v"], payload["alpha"] * scale, meta["hook_layer"], meta["hook_point"],
+                                   meta.get("steer_positions", "all"), meta.get("steer_last_k", 1))
+
+    return Intervention(name, enter, method, scale)
+
+
+def evaluate(argv: list[str]) -> None:
+    """Compare saved vectors (and CAA, and scales) on held-out prompts: table, JSON, frontier plot."""
+    parser = _parser("evaluate", "Compare steering vectors on held-out prompts: the same prompts and sampling "
+                     "seeds in every arm, a training and an evaluation judge, exact KL, lengths.", False)
+    parser.add_argument("--scales", type=list[float], default=[1.0], help="Multiples of the --vector's alpha·v.")
+    parser.add_argument("--caa", type=str | None, default=None, help="A CAA vector file (python cli.py caa).")
+    parser.add_argument("--caa_multipliers", type=list[float], default=[1.0, 2.0, 4.0, 8.0],
+                        help="Multiples of the CAA vector.")
+    parser.add_argument("--files", type=list[str], default=[],
+                        help="Other saved vector files, as PATH or NAME=PATH, each a curve of --file_scales.")
+    parser.add_argument("--file_scales", type=list[float], default=[1.0], help="Multiples of each --files vector.")
+    parser.add_argument("--samples_per_prompt", type=int, default=1, help="Replies per prompt and arm.")
+    parser.add_argument("--max_prompts", type=int, default=0, help="Use at most this many held-out prompts (0: all).")
+    parser.add_argument("--batch_size", type=int, default=16, help="Prompts per generate call.")
+    parser.add_argument("--show_examples", type=int, default=3, help="Prompts whose replies are shown side by side.")
+    parser.add_argument("--max_new_tokens", type=int | None, default=None, help="Most tokens per reply (default: as trained).")
+    parser.add_argument("--temperature", type=float | None, default=None, help="Sampling temperature (default: as trained).")
+    parser.add_argument("--judge", type=Judge | None, default=None,
+                        help="Training judge (default: the base model itself as a local judge).")
+    parser.add_argument("--reward_mode", type=str | None, default=None, help="loglik or contrast (default: as trained).")
+    parser.add_argument("--eval_judge", type=Judge | None, default=None,
+                        help="Evaluation judge backend (default: the training judge's, with other personas).")
+    parser.add_argument("--eval_persona", type=str | None, default=None,
+                        help="Evaluation judge's persona (default: as trained, else other wording than training's).")
+    parser.add_argument("--eval_counter_persona", type=str | None, default=None,
+                        help="Evaluation judge's counter-persona (contrast mode).")
+    parser.add_argument("--output", type=str | None, default=None, help="Also write the comparison as JSON here.")
+    parser.add_argument("--output_dir", type=str | None, default=None,
+                        help="Write comparison.json, comparison.txt and frontier.png here.")
+    args = _parse(parser, argv)
+    files = _named_files(args.files)
+    if not (args.vector or args.caa or files):
+        raise UserError("give --vector PATH, --caa PATH or --files PATH ... (the vectors to compare)")
+    for name, value in (("samples_per_prompt", args.samples_per_prompt), ("batch_size", args.batch_size)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    init = parser.instantiate_classes(args)
+    payloads = {"vector": read_steering_vector(args.vector) if args.vector else None,
+                "caa": read_steering_vector(args.caa) if args.caa else None}
+    payloads.update({f"file:{name}": read_steering_vector(path) for name, path in files})
+    base = next(p for p in payloads.values() if p is not None)
+    module = _module_for(base, args, init)
+    arms = _arms(module, args, payloads, files)
+    prompts = read_prompts(args.prompts_file or DEFAULT_HELDOUT)
+    prompts = prompts[: args.max_prompts] if args.max_prompts else prompts
+    from modules.evaluation import compare_interventions
+
+    comparison, _ = compare_interventions(module, prompts, arms, None, args.samples_per_prompt, args.seed,
+                                          args.batch_size, None, args.show_examples)
+    text = comparison.format()
+    print(text)
+    data = comparison.as_dict()
+    data["vectors"] = {"vector": args.vector, "caa": args.caa, "files": dict(files)}
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(data, indent=2))
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "comparison.json").write_text(json.dumps(data, indent=2))
+        (out / "comparison.txt").write_text(text + "\n")
+        from modules.frontier import plot_frontier
+
+        written = plot_frontier(data, out / "frontier.png")
+        print(f"written to {out}/: comparison.json, comparison.txt" + (", frontier.png" if written else ""))
+
+
+def _module_for(base: dict, args, init):
+    """A SteeringVectorRL over the base model with the training judge and options of ``base``."""
     from modules.steering_rl import SteeringVectorRL
 
+    meta = base["metadata"]
+    config = dict(meta.get("config", {}))
     keep = {"hook_layer", "hook_point", "steer_positions", "steer_last_k", "reward_mode", "judge_persona",
-            "counter_persona", "reward_length_normalize"}
+            "counter_persona", "reward_length_normalize", "eval_persona", "eval_counter_persona"}
     options = {k: v for k, v in config.items() if k in keep}
-    if args.reward_mode:
-        options["reward_mode"] = args.reward_mode
-    module = SteeringVectorRL(model=args.model or meta["base_model"], dtype=args.dtype, judge=init.judge,
-                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, **options)
-    module.steering_vector.load_(payload["v"], payload["alpha"])
+    options.update({k: meta[k] for k in ("hook_layer", "hook_point", "steer_positions", "steer_last_k") if k in meta})
+    for name in ("reward_mode", "eval_persona", "eval_counter_persona"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    module = SteeringVectorRL(
+        model=args.model or meta["base_model"], dtype=args.dtype, judge=init.judge, eval_judge=init.eval_judge,
+        max_new_tokens=args.max_new_tokens or config.get("max_new_tokens", 64),
+        temperature=args.temperature or config.get("temperature", 0.7), **options)
     if torch.cuda.is_available():
         module.to("cuda")
-        module.judge.to("cuda")
+        module.reward.to("cuda")
+        module.eval_reward.to("cuda")
     module.preflight()
-    prompts = read_prompts(args.prompts_file or DEFAULT_HELDOUT)
-    report = evaluate_intervention(module, prompts, args.samples_per_prompt, args.seed, args.batch_size)
-    print(report.format())
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(report.as_dict(), f, indent=2)
+    module.eval_reward.preflight()
+    return module
+
+
+def _arms(module, args, payloads: dict, files: list[tuple[str, str]]) -> list:
+    from modules.evaluation import Intervention
+
+    arms = [Intervention("vector off", module.reference, "off", 0.0, reference=True)]
+    if payloads["vector"] is not None:
+        arms += [vector_arm(module, f"trained ×{s:g}", payloads["vector"], s, "trained") for s in args.scales]
+    if payloads["caa"] is not None:
+        arms += [vector_arm(module, f"CAA ×{m:g}", payloads["caa"], m, "CAA") for m in args.caa_multipliers]
+    for name, _ in files:
+        arms += [vector_arm(module, f"{name} ×{s:g}", payloads[f"file:{name}"], s, name) for s in args.file_scales]
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise UserError(f"two arms have the same name ({names}): name the files with NAME=PATH")
+    return arms

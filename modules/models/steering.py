@@ -103,7 +103,7 @@ class Steering:
         if positions not in ("all", "response", "last_k"):
             raise UserError(f"unknown steering positions '{positions}': use all, response or last_k")
         self.vector = vector
-        self.layer, self.hook_point, self.positions = layer, hook_point, positions
+        self.layer, self.hook_point, self.positions, self.last_k = layer, hook_point, positions, last_k
         self.prompt_offset = {"all": None, "response": 1, "last_k": last_k}[positions]
         self.enabled = True
         self.record_site_norm = False
