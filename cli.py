@@ -27,6 +27,7 @@ from modules.errors import UserError, describe_config_error
 TOOLS = {  # subcommand -> "module:function(argv)"
     "generate": "modules.tools:generate",
     "evaluate": "modules.tools:evaluate",
+    "caa": "modules.caa:caa_command",
     "sarm-build": "modules.sarm.tools:sarm_build",
     "sarm-pairs": "modules.sarm.tools:sarm_pairs",
     "sarm-human-latents": "modules.sarm.tools:sarm_human_latents",
