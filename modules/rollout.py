@@ -1,13 +1,19 @@
 """Generation of on-policy rollouts, and the teacher-forced forward pass over them.
 
-Everything that samples from a policy goes through :func:`rollout`, so that a faster engine (a
-static KV cache with the decode step in a CUDA graph, see the roadmap) can replace this one call.
+Everything that samples from a policy goes through :func:`rollout`. On a GPU it runs the rollout
+engine (:mod:`modules.engine`: a static KV cache, the decode step captured as CUDA graphs, the
+steering / LoRA / injection inside the step, sampling on the GPU); where the engine does not apply
+(an architecture or hook it does not know, the CPU) it uses HF ``generate`` and says so once.
+``RLI_ROLLOUT_ENGINE`` chooses: ``auto`` (default: the engine on CUDA), ``engine`` (also on the
+CPU, eager steps), ``hf`` (always HF ``generate``).
 Prompts are left-padded to a common length ``P``; responses start at position ``P`` in every row,
 which the steering position rules and :func:`response_hidden_states` rely on.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -15,6 +21,15 @@ from typing import ContextManager
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
+_said: set[str] = set()
+
+
+def _say_once(message: str, level: int = logging.WARNING) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.log(level, message)
 
 
 @dataclass(frozen=True)
@@ -115,6 +130,17 @@ def decode_response(tokenizer, ids: torch.Tensor, mask: torch.Tensor, stop_ids: 
     return tokenizer.decode(kept, skip_special_tokens=True)
 
 
+def use_engine(device: torch.device) -> bool:
+    """Whether :func:`rollout` tries the engine on ``device`` (``RLI_ROLLOUT_ENGINE``, see above)."""
+    mode = os.environ.get("RLI_ROLLOUT_ENGINE", "auto")
+    if mode not in ("auto", "engine", "hf"):
+        raise ValueError(f"RLI_ROLLOUT_ENGINE={mode!r}: use auto, engine or hf")
+    if mode == "auto" and device.type != "cuda":
+        _say_once("rollout engine: on the CPU rollouts use HF generate (RLI_ROLLOUT_ENGINE=engine runs the "
+                  "engine's eager steps there)", logging.INFO)
+    return mode == "engine" or (mode == "auto" and device.type == "cuda")
+
+
 @torch.no_grad()
 def rollout(
     model: nn.Module,
@@ -131,26 +157,38 @@ def rollout(
     Args:
         seed: Seeds torch's generator right before sampling, so that a rollout depends only on the
             parameters, the prompts and this seed (exact resume, paired on/off comparisons).
-        intervention: A context entered around ``generate`` (e.g. ``steering.prompt_length(P)``).
+        intervention: A context entered around the sampling (e.g. ``steering.prompt_length(P)``); the
+            engine reads the interventions' state inside it.
     """
-    if seed is not None:
-        torch.manual_seed(seed)
     stop_ids = stop_token_ids(model, tokenizer)
     start = time.perf_counter()
+    response_ids = None
     with intervention or nullcontext():
-        out = model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            do_sample=True,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=0,
-            max_new_tokens=sampling.max_new_tokens,
-            eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        if use_engine(prompt_ids.device):
+            from modules.engine import Unsupported, engine_for
+
+            try:
+                response_ids = engine_for(model).generate(
+                    prompt_ids, prompt_mask, sampling.max_new_tokens, stop_ids, tokenizer.pad_token_id,
+                    sampling.temperature, sampling.top_p, seed=seed).tokens
+            except Unsupported as why:
+                _say_once(f"rollout engine: {why}; sampling with HF generate instead")
+        if response_ids is None:
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = model.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=0,
+                max_new_tokens=sampling.max_new_tokens,
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            response_ids = out[:, prompt_ids.shape[1] :]
     seconds = time.perf_counter() - start
-    response_ids = out[:, prompt_ids.shape[1] :]
     response_mask = response_mask_from_ids(response_ids, stop_ids)
     response_ids = torch.where(response_mask.bool(), response_ids, tokenizer.pad_token_id)
     texts = [decode_response(tokenizer, row, mask, stop_ids) for row, mask in zip(response_ids, response_mask)]

@@ -1,0 +1,264 @@
+"""The rollout engine (CPU, eager steps): the same tokens and logits as HF generate and as a plain
+forward, with steering, LoRA and the oracle's injection inside; EOS, padding, seeds, fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from datamodules.prompts import encode_prompts
+from modules.engine import RolloutEngine, Unsupported
+from modules.engine.kernels import sample_tokens
+from modules.models.adapters import LoRAPolicy
+from modules.models.loading import load_causal_lm
+from modules.models.steering import Steering, SteeringVector
+from modules.oracle.batch import build_oracle_batch
+from modules.oracle.injection import ActivationInjection
+from modules.rollout import SamplingConfig, rollout, stop_token_ids
+from tests.engine_helpers import PROMPTS, generate_args, plain_logits
+
+TOL = dict(rtol=0, atol=1e-5)
+
+
+def _hf_greedy(model, tokenizer, batch, max_new, stops=None):
+    out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
+                         max_new_tokens=max_new, eos_token_id=stops or stop_token_ids(model, tokenizer),
+                         pad_token_id=tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, batch.input_ids.shape[1]:], torch.stack(out.logits, 1)
+
+
+def test_greedy_tokens_and_logits_equal_hf_generate(tiny_model_dir):
+    model, tokenizer = load_causal_lm(tiny_model_dir, "float32")
+    batch = encode_prompts(tokenizer, PROMPTS)
+    out = RolloutEngine(model).generate(**generate_args(model, tokenizer, batch, 12, greedy=True, keep_logits=True))
+    tokens, logits = _hf_greedy(model, tokenizer, batch, 12)
+    assert torch.equal(out.tokens, tokens)
+    torch.testing.assert_close(out.logits, logits, **TOL)
+    assert not out.graphs
+
+
+def test_a_seed_reproduces_a_rollout_and_another_seed_differs(tiny_llama_dir):
+    model, tokenizer = load_causal_lm(tiny_llama_dir, "float32")
+    batch = encode_prompts(tokenizer, PROMPTS)
+    engine = RolloutEngine(model)
+    first = engine.generate(**generate_args(model, tokenizer, batch, 16, seed=7)).tokens
+    torch.rand(5)  # whatever ran in between
+    again = engine.generate(**generate_args(model, tokenizer, batch, 16, seed=7)).tokens
+    other = engine.generate(**generate_args(model, tokenizer, batch, 16, seed=8)).tokens
+    assert torch.equal(first, again)
+    assert not torch.equal(first[:, : other.shape[1]], other[:, : first.shape[1]])
+
+
+@pytest.mark.parametrize("hook_point", ["post_attn_norm", "pre_attn_norm"])
+@pytest.mark.parametrize("positions,last_k", [("all", 1), ("response", 1), ("last_k", 3)])
+def test_steering_inside_the_engine_gives_the_logits_of_a_plain_forward(tiny_model_dir, hook_point, positions, last_k):
+    model, tokenizer = load_causal_lm(tiny_model_dir, "float32")
+    batch = encode_prompts(tokenizer, PROMPTS)
+    vector = SteeringVector(model.config.hidden_size, alpha_init=1.5)
+    with torch.no_grad():
+        vector.v.normal_(0, 1.0)
+    steering = Steering(model, vector, 1, hook_point, positions, last_k)
+    P = batch.input_ids.shape[1]
+    stops = stop_token_ids(model, tokenizer)
+    with steering.prompt_length(P):
+        out = RolloutEngine(model).generate(**generate_args(model, tokenizer, batch, 10, seed=1, keep_logits=True))
+        with torch.no_grad():
+            logits, mask = plain_logits(model, batch.input_ids, batch.attention_mask, out.tokens, stops)
+    torch.testing.assert_close(out.logits[mask], logits[mask], **TOL)
+    with torch.no_grad(), steering.disabled():  # the steering did act
+        unsteered, _ = plain_logits(model, batch.input_ids, batch.attention_mask, out.tokens, stops)
+    assert (unsteered[mask] - logits[mask]).abs().max() > 1e-2
+    with steering.disabled():  # off inside the engine: the base model, as HF generate sees it
+        off = RolloutEngine(model).generate(**generate_args(model, tokenizer, batch, 10, greedy=True, keep_logits=True))
+        base_tokens, base_logits = _hf_greedy(model, tokenizer, batch, 10)
+    assert torch.equal(off.tokens, base_tokens)
+    torch.testing.assert_close(off.logits, base_logits, **TOL)
+
+
+def test_steering_without_prompt_length_is_refused_like_the_hook(tiny_llama_dir):
+    model, tokenizer = load_causal_lm(tiny_llama_dir, "float32")
+    batch = encode_prompts(tokenizer, PROMPTS)
+    Steering(model, SteeringVector(model.config.hidden_size), 1, positions="response")
+    with pytest.raises(RuntimeError, match="prompt_length"):
+        RolloutEngine(model).generate(**generate_args(model, tokenizer, batch, 4))
+
+
+def test_lora_inside_the_engine_gives_the_logits_of_a_plain_forward(tiny_model_dir):
+    base, tokenizer = load_causal_lm(tiny_model_dir, "float32")
+    lora = LoRAPolicy(base, r=4, alpha=8)
+    model = lora.model
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)  # a fresh adapter is the identity; make it act
+    batch = encode_prompts(tokenizer, PROMPTS)
+    stops = stop_token_ids(model, tokenizer)
+    engine = RolloutEngine(model)
+
+    def check():
+        out = engine.generate(**generate_args(model, tokenizer, batch, 8, seed=2, keep_logits=True))
+        with torch.no_grad():
+            logits, mask = plain_logits(model, batch.input_ids, batch.attention_mask, out.tokens, stops)
+        torch.testing.assert_close(out.logits[mask], logits[mask], **TOL)
+        return out.logits[mask]
+
+    adapted = check()
+    with lora.reference():  # the adapter switched off: the base model
+        reference = check()
+    assert (adapted - reference).abs().max() > 1e-2
+    with torch.no_grad():  # an optimizer step changes the weights in place
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.mul_(2.0)
+    check()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen"])
+def test_injection_inside_the_engine_gives_the_logits_of_a_plain_forward(kind, tiny_llama_dir, tiny_qwen_dir):
+    model, tokenizer = load_causal_lm({"llama": tiny_llama_dir, "qwen": tiny_qwen_dir}[kind], "float32")
+    rows = [{"context": "The match ended two to one after a late goal.", "question": "What is it about?",
+             "answer": "sports"},
+            {"context": "I loved this film.", "question": "Positive or negative?", "answer": "positive",
+             "positions": [0, -1]}]
+    batch = build_oracle_batch(model, tokenizer, rows, num_positions=3)
+    injection = ActivationInjection(model)
+    stops = stop_token_ids(model, tokenizer)
+    args = dict(prompt_ids=batch.input_ids, prompt_mask=batch.attention_mask, max_new_tokens=8, stop_ids=stops,
+                pad_id=tokenizer.pad_token_id, greedy=True, keep_logits=True)
+    with injection.inject(batch.vectors, batch.positions):
+        out = RolloutEngine(model).generate(**args)
+        assert injection.calls == 1  # the prompt pass only
+        with torch.no_grad():
+            logits, mask = plain_logits(model, batch.input_ids, batch.attention_mask, out.tokens, stops)
+        hf = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
+                            max_new_tokens=8, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    torch.testing.assert_close(out.logits[mask], logits[mask], **TOL)
+    assert torch.equal(out.tokens, hf[:, batch.input_ids.shape[1]:])
+    plain = RolloutEngine(model).generate(**args)  # outside inject(): no injection
+    assert (plain.logits[:, 0] - out.logits[:, 0]).abs().max() > 1e-3
+
+
+def test_rows_stop_at_their_own_stop_token_and_padding_does_not_leak(tiny_llama_dir):
+    model, tokenizer = load_causal_lm(tiny_llama_dir, "float32")
+    batch = encode_prompts(tokenizer, PROMPTS)
+    engine = RolloutEngine(model)
+    pad = tokenizer.pad_token_id
+    free = engine.generate(**generate_args(model, tokenizer, batch, 12, seed=4)).tokens
+    stop = int(free[0, 2])  # row 0 stops at its third token; other rows where they draw it, if they do
+    args = generate_args(model, tokenizer, batch, 12, seed=4)
+    args["stop_ids"] = [stop]
+    out = engine.generate(**args).tokens
+    expected, widths = free.clone(), []
+    for row in expected:  # the same draws, each row cut after its first stop token
+        hits = (row == stop).nonzero()
+        if len(hits):
+            row[int(hits[0]) + 1:] = pad
+        widths.append(int(hits[0]) + 1 if len(hits) else len(row))
+    assert out[0, 2] == stop and (out[0, 3:] == pad).all()
+    assert torch.equal(out, expected[:, : max(widths)])
+    # a row's logits do not depend on the left padding that the longer rows force on it
+    alone = encode_prompts(tokenizer, PROMPTS[1:2])
+    assert alone.input_ids.shape[1] < batch.input_ids.shape[1]
+    single = engine.generate(**generate_args(model, tokenizer, alone, 6, greedy=True, keep_logits=True))
+    batched = engine.generate(**generate_args(model, tokenizer, batch, 6, greedy=True, keep_logits=True))
+    assert torch.equal(single.tokens[0], batched.tokens[1])
+    torch.testing.assert_close(single.logits[0], batched.logits[1], **TOL)
+
+
+def test_the_loop_ends_when_every_row_has_stopped(tiny_llama_dir):
+    model, tokenizer = load_causal_lm(tiny_llama_dir, "float32")
+    batch = encode_prompts(tokenizer, PROMPTS)
+    engine = RolloutEngine(model)
+    free = engine.generate(**generate_args(model, tokenizer, batch, 20, seed=0)).tokens
+    stops = sorted({int(t) for t in free[:, 9]})  # every row stops by its tenth token
+    args = generate_args(model, tokenizer, batch, 40, seed=0)
+    args["stop_ids"] = stops
+    out = engine.generate(**args).tokens
+    assert out.shape[1] <= 10 and torch.equal(out[:, :9][out[:, :9] != tokenizer.pad_token_id],
+                                              free[:, :9][out[:, :9] != tokenizer.pad_token_id])
+    greedy = engine.generate(**generate_args(model, tokenizer, batch, 4, greedy=True)).tokens
+    stops = sorted({int(t) for t in greedy[:, 0]})  # greedy: every row stops at once, as in HF generate
+    args = generate_args(model, tokenizer, batch, 40, greedy=True)
+    args["stop_ids"] = stops
+    hf_tokens, _ = _hf_greedy(model, tokenizer, batch, 40, stops)
+    assert torch.equal(engine.generate(**args).tokens, hf_tokens)
+
+
+def test_the_sampler_draws_from_the_softmax_after_temperature_and_top_p():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]]).repeat(40_000, 1)
+    temperature, top_p = torch.tensor([0.7]), torch.tensor([1.0])
+    drawn = sample_tokens(logits, temperature, top_p, greedy=False, use_top_p=False)
+    freq = torch.bincount(drawn, minlength=5).float() / len(drawn)
+    expected = (logits[0] / 0.7).softmax(-1)
+    assert (freq - expected).abs().max() < 0.01  # 4 standard errors at most
+    # top-p 0.8 keeps the smallest set of tokens holding 80 % (HF's rule): here the first two
+    drawn = sample_tokens(logits, temperature, torch.tensor([0.8]), greedy=False, use_top_p=True)
+    kept = (logits[0, :2] / 0.7).softmax(-1)
+    freq = torch.bincount(drawn, minlength=5).float() / len(drawn)
+    assert freq[2:].sum() == 0 and (freq[:2] - kept).abs().max() < 0.01
+
+
+def test_unknown_hooks_and_architectures_fall_back_to_hf_generate_and_say_so_once(tiny_llama_dir, caplog,
+                                                                                   monkeypatch):
+    monkeypatch.setenv("RLI_ROLLOUT_ENGINE", "engine")
+    model, tokenizer = load_causal_lm(tiny_llama_dir, "float32")
+    batch = encode_prompts(tokenizer, PROMPTS)
+    with pytest.raises(Unsupported, match="unknown forward hook"):
+        handle = model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: o * 2)
+        RolloutEngine(model).check()
+    with caplog.at_level(logging.WARNING, logger="modules.rollout"):
+        first = rollout(model, tokenizer, PROMPTS, batch.input_ids, batch.attention_mask, SamplingConfig(6), seed=3)
+        rollout(model, tokenizer, PROMPTS, batch.input_ids, batch.attention_mask, SamplingConfig(6), seed=3)
+    said = [r for r in caplog.records if "unknown forward hook" in r.getMessage()]
+    assert len(said) == 1 and "HF generate" in said[0].getMessage()
+    handle.remove()
+    torch.manual_seed(3)  # the fallback is HF generate itself, hook and all
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: o * 2)
+    hf = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=True, top_k=0,
+                        max_new_tokens=6, eos_token_id=stop_token_ids(model, tokenizer),
+                        pad_token_id=tokenizer.pad_token_id)
+    handle.remove()
+    width = first.response_ids.shape[1]
+    mask = first.response_mask.bool()
+    assert torch.equal(first.response_ids[mask], hf[:, batch.input_ids.shape[1]:][:, :width][mask])
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tokenizer))).eval()
+    with pytest.raises(Unsupported, match="architecture 'gpt2'"):
+        RolloutEngine(gpt2).check()
+    model.generation_config.repetition_penalty = 1.3  # HF generate would sample from something else
+    with pytest.raises(Unsupported, match="repetition_penalty"):
+        RolloutEngine(model).check()
+
+
+def test_rollout_through_the_engine_samples_what_the_training_pass_scores(tiny_model_dir, monkeypatch):
+    """The REINFORCE log-probs must be those of the policy that sampled: the rollout's tokens,
+    teacher-forced with the steering on, give the logits the engine drew them from."""
+    monkeypatch.setenv("RLI_ROLLOUT_ENGINE", "engine")
+    model, tokenizer = load_causal_lm(tiny_model_dir, "float32")
+    batch = encode_prompts(tokenizer, PROMPTS)
+    vector = SteeringVector(model.config.hidden_size)
+    with torch.no_grad():
+        vector.v.normal_(0, 1.0)
+    steering = Steering(model, vector, 2, "post_attn_norm", "response")
+    P = batch.input_ids.shape[1]
+    sampling = SamplingConfig(8, temperature=0.7, top_p=0.9)
+    out = rollout(model, tokenizer, PROMPTS, batch.input_ids, batch.attention_mask, sampling, seed=5,
+                  intervention=steering.prompt_length(P))
+    again = rollout(model, tokenizer, PROMPTS, batch.input_ids, batch.attention_mask, sampling, seed=5,
+                    intervention=steering.prompt_length(P))
+    assert torch.equal(out.response_ids, again.response_ids) and out.responses == again.responses
+    with steering.prompt_length(P):
+        engine_out = RolloutEngine(model).generate(**generate_args(
+            model, tokenizer, batch, 8, temperature=0.7, top_p=0.9, seed=5, keep_logits=True))
+        with torch.no_grad():
+            logits, mask = plain_logits(model, batch.input_ids, batch.attention_mask, engine_out.tokens,
+                                        stop_token_ids(model, tokenizer))
+    assert torch.equal(engine_out.tokens[:, : out.response_ids.shape[1]][out.response_mask.bool()],
+                       out.response_ids[out.response_mask.bool()])
+    torch.testing.assert_close(engine_out.logits[mask], logits[mask], **TOL)
