@@ -8,10 +8,17 @@ chat templates avoid by ending the header with a newline, would count as respons
 With ``model=None`` the judge shares the policy's weights: the training module hands it the
 policy and a context that switches the policy's interventions off (``attach_shared``), so no
 second copy of the model sits in memory.
+
+Shared prefix: requests with the same system prompt (a persona) start with the same tokens. Their
+longest common token prefix (the system turn, often more) is run once per call as one row, and its
+keys and values serve every row of the group (``share_prefix``; the log-probs are the same to float
+rounding). Requests are scored grouped by system prompt, in batches of ``batch_size``.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 from contextlib import nullcontext
 from typing import Callable, ContextManager, Sequence
 
@@ -31,17 +38,24 @@ class LocalJudge(Judge):
         dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bfloat16``, ``float16`` or ``float32``.
         batch_size: Sequences per forward pass.
         cache_size: Judgements kept in the response cache.
+        share_prefix: Run the prefix that a group of requests shares once (see the module docstring).
     """
 
     overlaps_generation = False
+    MIN_SHARED_TOKENS = 8
+    """A shared prefix shorter than this is not worth a separate pass."""
 
-    def __init__(self, model: str | None = None, dtype: str = "auto", batch_size: int = 16, cache_size: int = 50_000):
+    def __init__(self, model: str | None = None, dtype: str = "auto", batch_size: int = 16, cache_size: int = 50_000,
+                 share_prefix: bool = True):
         super().__init__(cache_size)
         if batch_size < 1:
             from modules.errors import UserError
 
             raise UserError(f"judge batch_size must be at least 1, got {batch_size}")
         self.model_name, self.dtype, self.batch_size = model, dtype, batch_size
+        self.share_prefix = share_prefix
+        self.prefix_tokens_saved = 0
+        """Tokens not recomputed thanks to shared prefixes, since creation (a test and tuning aid)."""
         self._model = self._tokenizer = None
         self._context: Callable[[], ContextManager] = nullcontext
         if model is not None:
@@ -67,9 +81,21 @@ class LocalJudge(Judge):
 
     async def _score_uncached(self, requests: Sequence[JudgeRequest]) -> list[Judgement | None]:
         self.preflight()
-        results: list[Judgement | None] = []
-        for start in range(0, len(requests), self.batch_size):
-            results.extend(self._score_batch(requests[start : start + self.batch_size]))
+        encoded = [self._encode(r) for r in requests]
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(request.system, []).append(i)
+        results: list[Judgement | None] = [None] * len(requests)
+        for rows in groups.values():
+            shared = self._shared_prefix([encoded[i] for i in rows]) if self.share_prefix and len(rows) > 1 else 0
+            prefix_cache = None
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start : start + self.batch_size]
+                if shared and prefix_cache is None:
+                    prefix_cache = self._prefix_cache(encoded[chunk[0]][0][:shared])
+                scored = self._score_batch([encoded[i] for i in chunk], shared, prefix_cache)
+                for i, judgement in zip(chunk, scored):
+                    results[i] = judgement
         return results
 
     def _encode(self, request: JudgeRequest) -> tuple[list[int], int]:
@@ -80,20 +106,52 @@ class LocalJudge(Judge):
         first = next((i for i, (s, _) in enumerate(enc["offset_mapping"]) if s >= len(prefix)), len(enc["input_ids"]))
         return enc["input_ids"], first
 
+    def _shared_prefix(self, encoded: list[tuple[list[int], int]]) -> int:
+        """Length of the token prefix every row shares, ending before any position whose hidden
+        state is needed (the one before each row's first response token); 0 if too short."""
+        first_ids = encoded[0][0]
+        length = min(min(first for _, first in encoded) - 1, min(len(ids) for ids, _ in encoded))
+        for ids, _ in encoded[1:]:
+            length = next((k for k in range(length) if ids[k] != first_ids[k]), length)
+        return length if length >= self.MIN_SHARED_TOKENS else 0
+
+    def _decoder_call(self, decoder, cache, **kwargs):
+        """The decoder with a KV cache, under the keyword this transformers version uses."""
+        name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        out = decoder(use_cache=True, **{name: cache}, **kwargs)
+        return out.last_hidden_state, getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
     @torch.inference_mode()
-    def _score_batch(self, requests: Sequence[JudgeRequest]) -> list[Judgement | None]:
-        encoded = [self._encode(r) for r in requests]
+    def _prefix_cache(self, prefix_ids: list[int]):
         device = next(self._model.parameters()).device
-        length = max(len(ids) for ids, _ in encoded)
+        with self._context():
+            _, cache = self._decoder_call(self._model.get_decoder(), None,
+                                          input_ids=torch.tensor([prefix_ids], device=device))
+        return cache
+
+    @torch.inference_mode()
+    def _score_batch(self, encoded: list[tuple[list[int], int]], shared: int = 0,
+                     prefix_cache=None) -> list[Judgement | None]:
+        """Exact log-probs of each row's response; with ``shared`` > 0, the rows' first ``shared``
+        tokens come from ``prefix_cache`` and only the rest is run."""
+        device = next(self._model.parameters()).device
+        length = max(len(ids) for ids, _ in encoded) - shared
         pad = self._tokenizer.pad_token_id or 0
         input_ids = torch.full((len(encoded), length), pad, dtype=torch.long)
-        attention = torch.zeros((len(encoded), length), dtype=torch.long)
+        attention = torch.zeros((len(encoded), shared + length), dtype=torch.long)
         for row, (ids, _) in enumerate(encoded):  # right padding: positions need no shifting
-            input_ids[row, : len(ids)] = torch.tensor(ids)
+            input_ids[row, : len(ids) - shared] = torch.tensor(ids[shared:])
             attention[row, : len(ids)] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
+        decoder = self._model.get_decoder()
         with self._context():
-            hidden = self._model.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
+            if shared:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(encoded))
+                hidden, _ = self._decoder_call(decoder, cache, input_ids=input_ids, attention_mask=attention)
+                self.prefix_tokens_saved += shared * (len(encoded) - 1)
+            else:
+                hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
         weight = self._model.get_output_embeddings().weight
         results: list[Judgement | None] = []
         for row, (ids, first) in enumerate(encoded):
@@ -101,7 +159,8 @@ class LocalJudge(Judge):
             if n <= 0:
                 results.append(Judgement(0.0, 0))
                 continue
-            logits = F.linear(hidden[row, first - 1 : len(ids) - 1], weight).float()
-            logp = F.log_softmax(logits, dim=-1).gather(-1, input_ids[row, first : len(ids), None]).squeeze(-1)
+            logits = F.linear(hidden[row, first - 1 - shared : len(ids) - 1 - shared], weight).float()
+            targets = input_ids[row, first - shared : len(ids) - shared, None]
+            logp = F.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
             results.append(Judgement(float(logp.sum()), n))
         return results
