@@ -16,6 +16,7 @@ Problems a user can fix end the program with one line on stderr and exit status 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -48,6 +49,9 @@ def _quiet_known_warnings() -> None:
                     ".*Checkpoint directory .* exists and is not empty.*", ".*args parameter is intended to run.*",
                     r".*module\(s\) in eval mode at the start of training.*"):
         warnings.filterwarnings("ignore", pattern)
+    # bitsandbytes (imported by peft) looks on CPUs with AVX512-BF16 for an optional kernel package and
+    # says when it is missing; 4-bit loading is for GPUs here, so the line only confuses
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

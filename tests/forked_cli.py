@@ -4,6 +4,10 @@ A fresh ``python cli.py`` spends most of its time importing torch, Lightning and
 (10-20 s on a busy 2-core machine); a forked child starts with them imported and still dies for
 real (``os._exit`` in a crash callback ends the child, never the tests). Output goes to files that
 come back as the result's ``stdout``/``stderr``.
+
+The child computes on one thread: OpenMP (which MKL's matrix products use) is not fork-safe, and a
+child whose parent has already run a parallel region waits forever at its first multi-threaded
+product for threads that were not copied into it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ def _child(args: list[str], out_fd: int, err_fd: int) -> None:
         os.dup2(err_fd, 2)
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
+        import torch
+
+        torch.set_num_threads(1)  # before any product: the parent's OpenMP threads are not in this process
         import modules.judges.background as background
 
         background._loop, background._lock = None, threading.Lock()  # the parent's loop thread is not here
