@@ -23,6 +23,9 @@ stop the run with one line that names the reward. An optimizer step whose loss o
 NaN/inf is skipped on every rank together and counted; ``max_skipped_updates`` in a row stop the
 run.
 
+Under several ranks, logged metrics are averaged over ranks, except counts of events (judge
+requests, failures, retries, cache hits, parse failures: :func:`counts_events`), which are summed.
+
 What a checkpoint holds: only what requires grad (a steering vector, LoRA weights, a value head)
 plus any module listed in ``extra_state_modules`` (e.g. a discriminator's buffers), the optimizer
 and scheduler, the loop counters and the RNG states, so that ``fit --ckpt_path last`` continues
@@ -51,6 +54,14 @@ from modules.rl.losses import TokenStats, response_token_stats
 from modules.rollout import Rollout, SamplingConfig, response_hidden_states
 
 log = logging.getLogger(__name__)
+
+EVENT_COUNTS = ("judge/requests", "judge/cache_hits", "judge/failed", "judge/failed_requests", "judge/retries",
+                "parse_failures")
+
+
+def counts_events(name: str) -> bool:
+    """Whether a metric counts events on its rank (summed over ranks) rather than measuring a mean."""
+    return name.endswith(EVENT_COUNTS) or "parse_failure/" in name
 
 class TrainingStopped(UserError):
     """Training cannot make progress (no reward signal, NaN losses); checkpoints so far are intact."""
@@ -355,7 +366,10 @@ class OnPolicyModule(L.LightningModule):
         metrics["updates_without_signal"] = float(self.updates_without_signal)
         metrics["skipped_updates"] = float(self.skipped_updates)
         metrics["lr"] = self.optimizers().param_groups[0]["lr"]
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, sync_dist=True)
+        counts = {k: v for k, v in metrics.items() if counts_events(k)}
+        self.log_dict({k: v for k, v in metrics.items() if k not in counts}, on_step=True, on_epoch=False,
+                      batch_size=1, sync_dist=True)
+        self.log_dict(counts, on_step=True, on_epoch=False, batch_size=1, sync_dist=True, reduce_fx="sum")
         self.log_dict(
             {"reward": metrics["reward/mean"], "kl": metrics.get("kl/token", 0.0), "len": metrics["response/length"]},
             on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=1,

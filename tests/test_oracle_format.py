@@ -8,8 +8,8 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from modules.errors import UserError
-from modules.oracle.format import (FORMAT_SYSTEM_PROMPT, ParseStats, encode_oracle_prompt, format_reply,
-                                   oracle_prefix, parse_reply, special_token_id)
+from modules.oracle.format import (FAILURE_REASONS, FORMAT_SYSTEM_PROMPT, ParseStats, encode_oracle_prompt,
+                                   format_reply, oracle_prefix, parse_reply, special_token_id)
 from modules.oracle.scheme import (PUBLIC_PREFIX_TEMPLATE, adapter_scheme, ao_config_payload, check_ao_config,
                                    read_ao_config)
 
@@ -96,6 +96,9 @@ def test_format_round_trip_and_counting():
     metrics = stats.pop().as_metrics()
     assert metrics["oracle/parse_failures"] == 3 and metrics["oracle/parse_failure_rate"] == 0.75
     assert metrics["oracle/parse_failure/no_tag"] == 1 and metrics["oracle/parse_failure/out_of_range"] == 1
+    # every reason is logged, zeros included, so that every rank logs the same keys
+    assert {k for k in metrics if "parse_failure/" in k} == {f"oracle/parse_failure/{r}" for r in FAILURE_REASONS}
+    assert metrics["oracle/parse_failure/bad_number"] == 0
     assert stats.total == 0
 
 

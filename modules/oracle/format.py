@@ -222,7 +222,8 @@ class ParseStats:
     def as_metrics(self, prefix: str = "oracle/") -> dict[str, float]:
         out = {f"{prefix}parse_failures": float(self.failed),
                f"{prefix}parse_failure_rate": self.failed / self.total if self.total else 0.0}
-        out.update({f"{prefix}parse_failure/{k}": float(v) for k, v in sorted(self.failures.items())})
+        # every reason, zeros included: each rank logs the same keys (they are summed over ranks)
+        out.update({f"{prefix}parse_failure/{k}": float(self.failures[k]) for k in FAILURE_REASONS})
         return out
 
     def pop(self) -> "ParseStats":
