@@ -55,8 +55,15 @@ def evenly_spaced_steps(total: int, count: int) -> list[int]:
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
-    """Why ``path`` cannot be resumed from, in a few words (``None``: it can)."""
+    """Why ``path`` cannot be resumed from, in a few words (``None``: it can). A folder is DeepSpeed's
+    form of a checkpoint: its ``latest`` file names the subfolder that holds the states."""
     path = Path(path)
+    if path.is_dir():
+        latest = path / "latest"
+        tag = latest.read_text().strip() if latest.is_file() else ""
+        if not tag or not any((path / tag).glob("*model_states.pt")):
+            return "is a folder without a complete DeepSpeed checkpoint"
+        return None
     if not path.is_file():
         return "does not exist"
     if not zipfile.is_zipfile(path):
@@ -227,7 +234,7 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
         trainer.save_checkpoint(partial, self.save_weights_only)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            os.replace(partial, filepath)
+            _replace(partial, filepath)
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:
@@ -241,6 +248,20 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
         super().load_state_dict(state_dict)
         self._last_update_saved = state_dict.get("last_update_saved", -1)
         self._resumed_csv_rows = state_dict.get("csv_rows")
+
+
+def _replace(source: str, destination: str) -> None:
+    """``os.replace``, also for a folder (DeepSpeed writes a checkpoint as one) over an existing folder:
+    the old one is moved aside first (a kill in between leaves no ``last.ckpt``, and resume falls back
+    to the newest ``update*.ckpt``; the moved-aside ``.partial`` folder is removed on the next start)."""
+    if os.path.isdir(source) and os.path.isdir(destination):
+        aside = os.path.join(os.path.dirname(destination), "." + os.path.basename(destination) + ".old.partial")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(destination, aside)
+        os.replace(source, destination)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(source, destination)
 
 
 def _csv_loggers(trainer: L.Trainer) -> list[ResumableCSVLogger]:

@@ -182,7 +182,12 @@ class PromptDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module
         schedule = PromptSchedule(self.train_records, self.prompts_per_update, self.shuffle_seed)
         sampler = StartAt(lambda: module.rollout_batches_done, self.trainer.global_rank, self.trainer.world_size)
-        return DataLoader(schedule, batch_size=None, sampler=sampler, collate_fn=self.collate)
+        # batches of one schedule item (a whole rollout batch of prompts): DeepSpeed reads its micro-batch
+        # size from the loader's batch_sampler, which batch_size=None would leave out
+        return DataLoader(schedule, batch_size=1, sampler=sampler, collate_fn=self._collate_one)
+
+    def _collate_one(self, items: list[tuple[int, list[dict]]]) -> PromptBatch:
+        return self.collate(items[0])
 
     def collate(self, item: tuple[int, list[dict]]) -> PromptBatch:
         index, records = item

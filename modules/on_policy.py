@@ -24,7 +24,8 @@ NaN/inf is skipped on every rank together and counted; ``max_skipped_updates`` i
 run.
 
 Under several ranks, logged metrics are averaged over ranks, except counts of events (judge
-requests, failures, retries, cache hits, parse failures: :func:`counts_events`), which are summed.
+requests, failures, retries, cache hits, parse failures), which are summed, and peak memory, of
+which the largest rank's is logged (:func:`reduction_over_ranks`).
 
 What a checkpoint holds: only what requires grad (a steering vector, LoRA weights, a value head)
 plus any module listed in ``extra_state_modules`` (e.g. a discriminator's buffers), the optimizer
@@ -62,6 +63,11 @@ EVENT_COUNTS = ("judge/requests", "judge/cache_hits", "judge/failed", "judge/fai
 def counts_events(name: str) -> bool:
     """Whether a metric counts events on its rank (summed over ranks) rather than measuring a mean."""
     return name.endswith(EVENT_COUNTS) or "parse_failure/" in name
+
+
+def reduction_over_ranks(name: str) -> str:
+    """How a logged metric combines over ranks: ``sum`` (counts), ``max`` (peak memory) or ``mean``."""
+    return "sum" if counts_events(name) else "max" if name.startswith("memory/") else "mean"
 
 class TrainingStopped(UserError):
     """Training cannot make progress (no reward signal, NaN losses); checkpoints so far are intact."""
@@ -366,10 +372,11 @@ class OnPolicyModule(L.LightningModule):
         metrics["updates_without_signal"] = float(self.updates_without_signal)
         metrics["skipped_updates"] = float(self.skipped_updates)
         metrics["lr"] = self.optimizers().param_groups[0]["lr"]
-        counts = {k: v for k, v in metrics.items() if counts_events(k)}
-        self.log_dict({k: v for k, v in metrics.items() if k not in counts}, on_step=True, on_epoch=False,
-                      batch_size=1, sync_dist=True)
-        self.log_dict(counts, on_step=True, on_epoch=False, batch_size=1, sync_dist=True, reduce_fx="sum")
+        if self.device.type == "cuda":
+            metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        for reduction in ("mean", "sum", "max"):  # the same keys on every rank, in the same order
+            group = {k: v for k, v in metrics.items() if reduction_over_ranks(k) == reduction}
+            self.log_dict(group, on_step=True, on_epoch=False, batch_size=1, sync_dist=True, reduce_fx=reduction)
         self.log_dict(
             {"reward": metrics["reward/mean"], "kl": metrics.get("kl/token", 0.0), "len": metrics["response/length"]},
             on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=1,

@@ -285,6 +285,15 @@ class SteeringVectorRL(OnPolicyModule):
         self.steering.site_norm = None  # measured again in the next update's first policy pass
         return metrics
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Adam's moments of a 0-d alpha (checkpoints from before alpha became 1-D): no other parameter is 0-d
+        for group in checkpoint.get("optimizer_states", []):
+            for state in group.get("state", {}).values():
+                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                    if isinstance(state.get(key), torch.Tensor) and state[key].dim() == 0:
+                        state[key] = state[key].reshape(1)
+        super().on_load_checkpoint(checkpoint)
+
     def export_portable(self, path) -> None:
         """Write ``{v, alpha}`` + metadata (see :mod:`modules.models.steering_io`)."""
         hp = {k: v for k, v in self.hparams.items() if isinstance(v, (int, float, str, bool, type(None)))}

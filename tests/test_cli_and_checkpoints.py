@@ -151,3 +151,26 @@ def test_remote_judge_run_keeps_the_key_out_of_every_file(tiny_llama_dir, tmp_pa
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
     assert secret not in env_run.stdout + env_run.stderr
+
+
+def test_deepspeed_checkpoint_folders_are_replaced_and_resumable(tmp_path):
+    """DeepSpeed writes a checkpoint as a folder: it replaces an older folder of the same name, and
+    ``last`` resolves to it only when its ``latest`` tag names a subfolder holding model states."""
+    from callbacks.checkpoints import _replace, checkpoint_problem, resolve_resume
+
+    def deepspeed_folder(path, tag="global_step3"):
+        (path / tag).mkdir(parents=True)
+        (path / tag / "mp_rank_00_model_states.pt").write_bytes(b"states")
+        (path / "latest").write_text(tag)
+        return path
+
+    checkpoints = tmp_path / "checkpoints"
+    last = deepspeed_folder(checkpoints / "last.ckpt", "global_step1")
+    deepspeed_folder(checkpoints / ".last.ckpt.partial", "global_step3")
+    _replace(str(checkpoints / ".last.ckpt.partial"), str(last))
+    assert (last / "latest").read_text() == "global_step3" and not (last / "global_step1").exists()
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
+    assert checkpoint_problem(last) is None
+    assert resolve_resume("last", checkpoints) == (str(last), None)
+    (last / "latest").write_text("global_step9")  # names a subfolder that is not there
+    assert "without a complete DeepSpeed checkpoint" in checkpoint_problem(last)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from modules.on_policy import counts_events
+from modules.on_policy import counts_events, reduction_over_ranks
 from tests.helpers import prompt_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +60,7 @@ def test_which_metrics_are_summed_over_ranks():
                                           "oracle/parse_failure/no_tag"))
     assert not any(counts_events(k) for k in ("reward/mean", "reward/parse_failure", "oracle/parse_failure_rate",
                                               "judge/latency_s", "skipped_updates", "kl/token"))
+    assert [reduction_over_ranks(k) for k in ("judge/failed", "memory/peak_gib", "reward/mean")] == ["sum", "max", "mean"]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")

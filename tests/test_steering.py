@@ -155,3 +155,33 @@ def test_gradient_reaches_only_v_and_alpha(tiny_llama_dir):
     model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.sum().backward()
     assert vector.v.grad is not None and vector.alpha.grad is not None
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_alpha_is_1d_and_a_checkpoint_with_a_0d_alpha_still_loads(tiny_llama_dir):
+    """alpha is (1,)-shaped (FSDP and DeepSpeed refuse 0-d parameters); a checkpoint written when it was
+    0-d still loads into the module and its optimizer, and steps."""
+    from tests.helpers import tiny_module
+
+    vector = SteeringVector(4, alpha_init=2.0)
+    assert vector.alpha.shape == (1,)
+    vector.load_state_dict({"v": torch.ones(4), "alpha": torch.tensor(3.0)})
+    assert vector.alpha.shape == (1,) and float(vector.alpha) == 3.0
+
+    module = tiny_module(tiny_llama_dir)
+    params = [module.steering_vector.v, module.steering_vector.alpha]
+    old = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(p.shape or ())) for p in (params[0], torch.tensor(0.0))])
+    for p in old.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    old.step()
+    checkpoint = {"state_dict": {"steering_vector.v": torch.ones_like(params[0]), "steering_vector.alpha": torch.tensor(0.5)},
+                  "optimizer_states": [old.state_dict()], "on_policy": {"rollout_batches_done": 1}}
+    assert checkpoint["optimizer_states"][0]["state"][1]["exp_avg"].dim() == 0
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"], strict=False)
+    assert float(module.steering_vector.alpha) == 0.5 and module.rollout_batches_done == 1
+    optimizer = torch.optim.AdamW(params)
+    optimizer.load_state_dict(checkpoint["optimizer_states"][0])
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # a 0-d moment against a (1,) gradient would raise here
+    assert optimizer.state[params[1]]["exp_avg"].shape == (1,)

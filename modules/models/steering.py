@@ -38,19 +38,29 @@ _SITE_NAMES = {"post_attn_norm": "post_attention_layernorm", "pre_attn_norm": "i
 
 
 class SteeringVector(nn.Module):
-    """The trainable state: a direction ``v`` and a scale ``alpha`` (fp32 master copies)."""
+    """The trainable state: a direction ``v`` and a scale ``alpha`` (fp32 master copies).
+
+    ``alpha`` has shape ``(1,)``, not ``()``: FSDP and DeepSpeed flatten parameters and refuse 0-d
+    ones. Vector files keep a 0-d ``alpha``; checkpoints written with a 0-d one still load.
+    """
 
     def __init__(self, hidden_size: int, init_std: float = 0.0, alpha_init: float = 1.0, train_alpha: bool = True):
         super().__init__()
         self.v = nn.Parameter(torch.randn(hidden_size) * init_std if init_std > 0 else torch.zeros(hidden_size))
-        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)), requires_grad=train_alpha)
+        self.alpha = nn.Parameter(torch.full((1,), float(alpha_init)), requires_grad=train_alpha)
 
     @torch.no_grad()
     def load_(self, v: torch.Tensor, alpha: torch.Tensor) -> "SteeringVector":
         """Copy saved values in (e.g. from a portable vector file)."""
         self.v.copy_(v)
-        self.alpha.copy_(alpha)
+        self.alpha.copy_(torch.as_tensor(alpha).reshape(1))
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        alpha = state_dict.get(prefix + "alpha")
+        if alpha is not None and alpha.dim() == 0:  # a checkpoint from before alpha became 1-D
+            state_dict[prefix + "alpha"] = alpha.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def delta(self) -> torch.Tensor:
         """The vector that is added to the hidden state: ``alpha * v``."""

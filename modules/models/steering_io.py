@@ -27,7 +27,7 @@ def save_steering_vector(path: str | Path, vector: SteeringVector, metadata: dic
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "v": vector.v.detach().float().cpu().clone(),
-               "alpha": vector.alpha.detach().float().cpu().clone(), "metadata": metadata}
+               "alpha": vector.alpha.detach().float().cpu().reshape(()).clone(), "metadata": metadata}
     partial = path.with_name("." + path.name + ".partial")
     torch.save(payload, partial)
     os.replace(partial, path)

@@ -1,0 +1,201 @@
+"""Strategy x method on several GPUs (issue 21): does a method train under a strategy, at what time
+per update and peak memory per GPU, and does ``--ckpt_path`` resume to the same trainable tensors?
+
+Each cell is ``python cli.py fit`` with the method's embedded config (its reward and options) on a
+random-weight Llama of a real shape (hidden 1024, 8 layers, SmolLM2's tokenizer), for ``--updates``
+updates with a checkpoint after each; then the same run resumed from the second-to-last checkpoint
+in a new folder. Resume is reported as the largest difference between the two runs' final exports
+(``steering_vector.pt``; the PEFT adapter and value head).
+
+    python benchmarks/strategies.py --tokenizer PATH --devices 2 --out results.json
+
+Prints one row per cell as it ends (``fail`` rows carry the error's last line) and writes them all
+to ``--out``. Cells not started before ``--budget_s`` are listed as not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"steering": "configs/steering_rl_smollm2.yaml", "ppo": "configs/sycophancy_ppo_smollm2.yaml",
+           "oracle": "configs/oracle_grpo_smollm2.yaml"}
+SMALL = dict(steering=dict(batch_size=4, grad_accum=1, max_new_tokens=16),
+             ppo=dict(batch_size=4, grad_accum=1, max_new_tokens=16, ppo_epochs=1, num_minibatches=1),
+             oracle=dict(batch_size=8, grad_accum=1, max_new_tokens=16))
+
+
+def build_model(tokenizer: str, folder: Path, hidden: int, layers: int) -> str:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                         num_attention_heads=16, num_key_value_heads=8, vocab_size=len(tok),
+                         max_position_embeddings=2048, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def write_config(method: str, model_dir: str, folder: Path, updates: int, args) -> Path:
+    config = yaml.safe_load((ROOT / CONFIGS[method]).read_text())
+    init = config["model"]["init_args"]
+    init.update(model=model_dir, dtype=args.dtype, total_updates=updates, **SMALL[method])
+    if "hook_layer" in init:
+        init["hook_layer"] = args.layers // 2
+    keep = ("callbacks.judge_batching.JudgeBatching",)
+    config["trainer"].update(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
+                             enable_progress_bar=False,
+                             callbacks=[{"class_path": "callbacks.checkpoints.EvenlySpacedCheckpoint",
+                                         "init_args": {"num_checkpoints": updates}}]
+                             + [c for c in config["trainer"].get("callbacks", []) if c["class_path"] in keep])
+    config.update(output_dir=str(folder / "runs"), run_name="r")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def fit(config: Path, timeout_s: float, *extra: str, log: Path | None = None) -> tuple[bool, str, float]:
+    """One ``cli.py fit`` in its own process group; past ``timeout_s`` every process of it (the other
+    ranks too) gets SIGABRT, so that faulthandler prints where each one was stuck, then SIGKILL."""
+    started = time.perf_counter()
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    with tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen([sys.executable, "cli.py", "fit", "--config", str(config), *extra], cwd=ROOT,
+                                   env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        try:
+            code = process.wait(timeout=timeout_s)
+            hung = False
+        except subprocess.TimeoutExpired:
+            hung = True
+            for sig in (signal.SIGABRT, signal.SIGKILL):
+                try:
+                    os.killpg(process.pid, sig)
+                except ProcessLookupError:
+                    pass
+                time.sleep(5)
+            code = process.wait()
+        err.seek(0)
+        stderr = err.read()
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("\n".join(lines[-400:]) + "\n")
+    if hung:  # the innermost frames of each process's main thread
+        stuck, block = [], None
+        for line in lines:
+            if line.startswith("Current thread"):
+                block = []
+            elif block is not None and line.strip().startswith("File ") and len(block) < 3:
+                block.append(line.strip().split(", line")[0].split("/")[-1] + ":" + line.split("in ")[-1])
+                if len(block) == 3:
+                    stuck.append(" < ".join(block))
+                    block = None
+        return False, f"ran over {timeout_s:.0f} s; stuck at: " + " || ".join(stuck), time.perf_counter() - started
+    error = next((line for line in reversed(lines) if "Error" in line or line.startswith("error")),
+                 lines[-1] if lines else "")
+    return code == 0, error[-300:], time.perf_counter() - started
+
+
+def run_stats(run: Path) -> dict:
+    with open(run / "metrics.csv", newline="") as file:
+        rows = [r for r in csv.DictReader(file) if r.get("reward/mean")]
+    times = [float(r["time/rollout_batch_s"]) for r in rows[1:] if r.get("time/rollout_batch_s")]
+    peaks = [float(r["memory/peak_gib"]) for r in rows if r.get("memory/peak_gib")]
+    return {"s_per_update": sum(times) / len(times) if times else None, "peak_gib": max(peaks) if peaks else None}
+
+
+def export_difference(a: Path, b: Path) -> float | None:
+    import torch
+    from safetensors.torch import load_file
+
+    def tensors(run: Path) -> dict:
+        if (run / "steering_vector.pt").exists():
+            payload = torch.load(run / "steering_vector.pt", weights_only=True)
+            return {"v": payload["v"], "alpha": payload["alpha"]}
+        out = {f"lora.{k}": v for k, v in load_file(str(run / "adapter" / "adapter_model.safetensors")).items()}
+        if (run / "adapter" / "value_head.pt").exists():
+            out.update({f"value.{k}": v for k, v in
+                        torch.load(run / "adapter" / "value_head.pt", weights_only=True).items()})
+        return out
+
+    try:
+        ta, tb = tensors(a), tensors(b)
+    except (OSError, RuntimeError, KeyError):
+        return None
+    if ta.keys() != tb.keys():
+        return float("inf")
+    return max(float((ta[k].float() - tb[k].float()).abs().max()) for k in ta)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--methods", default="steering,ppo")
+    parser.add_argument("--strategies", default="ddp,deepspeed_stage_2,fsdp,deepspeed_stage_3")
+    parser.add_argument("--updates", type=int, default=3)
+    parser.add_argument("--timeout_s", type=float, default=150)
+    parser.add_argument("--budget_s", type=float, default=500)
+    parser.add_argument("--out", default="strategies.json")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--accelerator", default="gpu", help="cpu for a smoke test of the script")
+    parser.add_argument("--logs", default=None, help="A folder for each run's stderr (last 400 lines).")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="strategies_"))
+    model_dir = build_model(args.tokenizer, work / "model", args.hidden, args.layers)
+    cells = [(s, m) for s in args.strategies.split(",") for m in args.methods.split(",")]
+    results = []
+    print(f"{'method':<9} {'strategy':<19} {'train':<5} {'s/update':>8} {'peak GiB/GPU':>12} {'resume max|diff|':>16}  note",
+          flush=True)
+    for strategy, method in cells:
+        row = {"method": method, "strategy": strategy, "devices": args.devices}
+        if time.perf_counter() - started > args.budget_s:
+            row["status"] = "not run (budget)"
+            results.append(row)
+            continue
+        folder = work / f"{method}_{strategy}"
+        args.strategy = strategy
+        config = write_config(method, model_dir, folder / "straight", args.updates, args)
+        logs = Path(args.logs) if args.logs else None
+        ok, error, seconds = fit(config, args.timeout_s, log=logs / f"{method}_{strategy}.log" if logs else None)
+        row.update(status="ok" if ok else "fail", seconds=round(seconds, 1), note="" if ok else error)
+        if ok:
+            straight = folder / "straight" / "runs" / "r"
+            row.update(run_stats(straight))
+            resume_config = write_config(method, model_dir, folder / "resumed", args.updates, args)
+            checkpoint = straight / "checkpoints" / f"update{args.updates - 1:06d}.ckpt"
+            ok, error, _ = fit(resume_config, args.timeout_s, "--ckpt_path", str(checkpoint),
+                               log=logs / f"{method}_{strategy}_resume.log" if logs else None)
+            row["resume_max_abs_diff"] = export_difference(straight, folder / "resumed" / "runs" / "r") if ok else None
+            if not ok:
+                row["note"] = f"resume: {error}"
+        results.append(row)
+        fmt = lambda v, f: format(v, f) if isinstance(v, float) else "-"  # noqa: E731
+        print(f"{method:<9} {strategy:<19} {row['status']:<5} {fmt(row.get('s_per_update'), '8.2f')} "
+              f"{fmt(row.get('peak_gib'), '12.2f')} {fmt(row.get('resume_max_abs_diff'), '16.3g')}  {row.get('note', '')}",
+              flush=True)
+    Path(args.out).write_text(json.dumps({"devices": args.devices, "updates": args.updates, "results": results},
+                                         indent=2))
+
+
+if __name__ == "__main__":
+    main()
