@@ -46,6 +46,11 @@ class HeldOutEvaluation(L.Callback):
         self.scales, self.compare_files, self.compare_scales = list(scales), list(compare_files), list(compare_scales)
         self.frontier_plot = frontier_plot
         self.last_report = None
+        for name, value, least in (("samples_per_prompt", samples_per_prompt, 1), ("batch_size", batch_size, 1),
+                                   ("max_prompts", max_prompts, 0), ("every_n_updates", every_n_updates, 0),
+                                   ("show_examples", show_examples, 0)):
+            if value < least:
+                raise UserError(f"HeldOutEvaluation: {name} must be at least {least}, got {value}")
         if any(s == 1.0 for s in self.scales):
             self.scales = [s for s in self.scales if s != 1.0]  # ×1 is the report's "on" arm
 

@@ -64,6 +64,7 @@ BAD_INPUT = [
     ("remote-judge-url", "steering", [*OPENAI_JUDGE, "--model.judge.base_url", "localhost:8000"],
      "base_url 'localhost:8000' is not an http(s) URL"),
     ("checkpoints-0", "steering-no-checkpoints", [], "num_checkpoints must be at least 1"),
+    ("heldout-samples_per_prompt-0", "steering-heldout-0", [], "samples_per_prompt must be at least 1, got 0"),
     # PPO's own options, adapter and reward-model paths
     ("ppo-kl_coef-negative", "ppo", ["--model.kl_coef", "-1"], "kl_coef must be >= 0"),
     ("ppo-temperature-0", "ppo", ["--model.temperature", "0"], "temperature must be > 0"),
@@ -109,7 +110,9 @@ def test_bad_input_gets_one_line_exit_2_and_leaves_no_file(tiny_llama_dir, tmp_p
     if method == "ppo":
         config = ppo_config(config_dir, tiny_llama_dir, total=2, checkpoints=2)
     else:
-        config = write_config(config_dir, tiny_llama_dir, total=2, checkpoints=0 if "no-checkpoints" in method else 2)
+        heldout = [{"class_path": "callbacks.heldout.HeldOutEvaluation", "init_args": {"samples_per_prompt": 0}}]
+        config = write_config(config_dir, tiny_llama_dir, total=2, checkpoints=0 if "no-checkpoints" in method else 2,
+                              extra_callbacks=heldout if "heldout-0" in method else ())
     out = tmp_path / "out"
     started = time.monotonic()
     result = run_cli("fit", "--config", config, "--output_dir", out, "--run_name", "bad",
