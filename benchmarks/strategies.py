@@ -164,7 +164,8 @@ def main() -> None:
     model_dir = build_model(args.tokenizer, work / "model", args.hidden, args.layers)
     cells = [(s, m) for s in args.strategies.split(",") for m in args.methods.split(",")]
     results = []
-    print(f"{'method':<9} {'strategy':<19} {'train':<5} {'s/update':>8} {'peak GiB/GPU':>12} {'resume max|diff|':>16}  note",
+    print(f"{'method':<9} {'strategy':<19} {'train':<5} {'s/update':>8} {'peak GiB/GPU':>12} "
+          f"{'resume max|diff|':>16}  note",
           flush=True)
     for strategy, method in cells:
         row = {"method": method, "strategy": strategy, "devices": args.devices}
@@ -191,7 +192,8 @@ def main() -> None:
         results.append(row)
         fmt = lambda v, f: format(v, f) if isinstance(v, float) else "-"  # noqa: E731
         print(f"{method:<9} {strategy:<19} {row['status']:<5} {fmt(row.get('s_per_update'), '8.2f')} "
-              f"{fmt(row.get('peak_gib'), '12.2f')} {fmt(row.get('resume_max_abs_diff'), '16.3g')}  {row.get('note', '')}",
+              f"{fmt(row.get('peak_gib'), '12.2f')} {fmt(row.get('resume_max_abs_diff'), '16.3g')}  "
+              f"{row.get('note', '')}",
               flush=True)
     Path(args.out).write_text(json.dumps({"devices": args.devices, "updates": args.updates, "results": results},
                                          indent=2))

@@ -5,9 +5,6 @@ DDP wrote ends with the vector and counters of the uninterrupted run."""
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +13,8 @@ import yaml
 
 from modules.on_policy import counts_events, reduction_over_ranks
 from tests.helpers import prompt_file
+from tests.test_cli_and_checkpoints import cli
 
-ROOT = Path(__file__).resolve().parents[1]
 ROWS_PER_RANK = 4  # batch_size 2 x grad_accum 2: one judge request per row (loglik)
 
 
@@ -42,10 +39,7 @@ def _config(folder: Path, model_dir: str, train_file: str) -> Path:
 
 
 def _fit(config: Path, *extra) -> Path:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "cli.py", "fit", "--config", str(config), *map(str, extra)], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    cli("fit", "--config", config, *extra)
     return config.parent / "runs" / "r"
 
 
@@ -60,11 +54,13 @@ def test_which_metrics_are_summed_over_ranks():
                                           "oracle/parse_failure/no_tag"))
     assert not any(counts_events(k) for k in ("reward/mean", "reward/parse_failure", "oracle/parse_failure_rate",
                                               "judge/latency_s", "skipped_updates", "kl/token"))
-    assert [reduction_over_ranks(k) for k in ("judge/failed", "memory/peak_gib", "reward/mean")] == ["sum", "max", "mean"]
+    names = ("judge/failed", "memory/peak_gib", "reward/mean")
+    assert [reduction_over_ranks(k) for k in names] == ["sum", "max", "mean"]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
-def test_two_ranks_sum_counts_and_resume_exactly(tiny_llama_dir, tmp_path):
+def test_two_ranks_sum_counts_and_resume_exactly(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two ranks on two cores
     train_file = prompt_file(tmp_path / "data")
     straight = _fit(_config(tmp_path / "straight", tiny_llama_dir, train_file))
     rows = _rows(straight)

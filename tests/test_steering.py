@@ -173,7 +173,8 @@ def test_alpha_is_1d_and_a_checkpoint_with_a_0d_alpha_still_loads(tiny_llama_dir
     for p in old.param_groups[0]["params"]:
         p.grad = torch.ones_like(p)
     old.step()
-    checkpoint = {"state_dict": {"steering_vector.v": torch.ones_like(params[0]), "steering_vector.alpha": torch.tensor(0.5)},
+    state = {"steering_vector.v": torch.ones_like(params[0]), "steering_vector.alpha": torch.tensor(0.5)}
+    checkpoint = {"state_dict": state,
                   "optimizer_states": [old.state_dict()], "on_policy": {"rollout_batches_done": 1}}
     assert checkpoint["optimizer_states"][0]["state"][1]["exp_avg"].dim() == 0
     module.on_load_checkpoint(checkpoint)
