@@ -68,6 +68,9 @@ def run_training(argv: list[str] | None) -> None:
     import modules.sarm_ppo  # noqa: F401
     import modules.steering_rl  # noqa: F401
     from modules.on_policy import OnPolicyModule
+    from modules.sharding import check_strategy, register_strategies
+
+    register_strategies()  # --trainer.strategy fsdp / fsdp2: FSDP2 (see modules/sharding.py)
 
     class RLCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -102,6 +105,7 @@ def run_training(argv: list[str] | None) -> None:
         def before_fit(self) -> None:
             """Every check before anything is written into the run folder."""
             config = self.config.fit
+            check_strategy(self.trainer.strategy)
             run_dir = Path(config.trainer.default_root_dir)
             checkpoints = _checkpoint_dir(self.trainer, run_dir)
             if config.ckpt_path is None and any(checkpoints.glob("*.ckpt")):

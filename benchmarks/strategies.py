@@ -29,11 +29,51 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the project's modules, for the files a method needs
 CONFIGS = {"steering": "configs/steering_rl_smollm2.yaml", "ppo": "configs/sycophancy_ppo_smollm2.yaml",
-           "oracle": "configs/oracle_grpo_smollm2.yaml"}
+           "ppo_nf4": "configs/sycophancy_ppo_smollm2.yaml", "oracle": "configs/oracle_grpo_smollm2.yaml",
+           "sarm": "configs/sarm_ppo_smollm2.yaml"}
 SMALL = dict(steering=dict(batch_size=4, grad_accum=1, max_new_tokens=16),
              ppo=dict(batch_size=4, grad_accum=1, max_new_tokens=16, ppo_epochs=1, num_minibatches=1),
-             oracle=dict(batch_size=8, grad_accum=1, max_new_tokens=16))
+             ppo_nf4=dict(batch_size=4, grad_accum=1, max_new_tokens=16, ppo_epochs=1, num_minibatches=1,
+                          load_in_4bit=True),
+             oracle=dict(batch_size=8, grad_accum=1, max_new_tokens=16),
+             sarm=dict(batch_size=4, grad_accum=1, max_new_tokens=16, ppo_epochs=1, num_minibatches=1))
+
+
+def method_files(method: str, model_dir: str, folder: Path) -> dict:
+    """What a method needs beside the policy, built for the random model: the oracle's starting
+    adapter; a random SARM with a human-latent buffer (so the discriminator trains too)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if method == "oracle":
+        from modules.models.adapters import LoRAPolicy
+
+        lora = LoRAPolicy(AutoModelForCausalLM.from_pretrained(model_dir), r=16)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, param in lora.model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.02)
+        return {"adapter_path": str(lora.save(folder / "oracle_adapter"))}
+    if method == "sarm":
+        from modules.sarm.human_latents import build_human_latents, save_human_latents
+        from modules.sarm.model import SARMRewardModel
+        from modules.sarm.random_sarm import write_random_sarm
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        sarm = write_random_sarm(folder / "sarm", hidden_size=256, layers=2, latent_size=2048, k=32, tokenizer=tok)
+        demos = folder / "demos.jsonl"
+        demos.write_text("\n".join(json.dumps({"prompt": f"Is claim {i} right?", "response": "Not quite; here is why."})
+                                   for i in range(16)))
+        human = save_human_latents(build_human_latents(SARMRewardModel.load(str(sarm), device="cpu"), str(demos)),
+                                   folder / "human.pt")
+        return {"reward": {"class_path": "modules.sarm.reward.SARMReward",
+                           "init_args": {"model": str(sarm), "penalize_features": [1115], "tau_values": [0.0],
+                                         "alpha_values": [1.0], "kl_beta": 0.1, "human_latents": str(human),
+                                         "disc_batch_size": 8}}}
+    return {}
 
 
 def build_model(tokenizer: str, folder: Path, hidden: int, layers: int) -> str:
@@ -51,10 +91,10 @@ def build_model(tokenizer: str, folder: Path, hidden: int, layers: int) -> str:
     return str(folder)
 
 
-def write_config(method: str, model_dir: str, folder: Path, updates: int, args) -> Path:
+def write_config(method: str, model_dir: str, folder: Path, updates: int, args, files: dict) -> Path:
     config = yaml.safe_load((ROOT / CONFIGS[method]).read_text())
     init = config["model"]["init_args"]
-    init.update(model=model_dir, dtype=args.dtype, total_updates=updates, **SMALL[method])
+    init.update(model=model_dir, dtype=args.dtype, total_updates=updates, **SMALL[method], **files)
     if "hook_layer" in init:
         init["hook_layer"] = args.layers // 2
     keep = ("callbacks.judge_batching.JudgeBatching",)
@@ -158,11 +198,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--accelerator", default="gpu", help="cpu for a smoke test of the script")
     parser.add_argument("--logs", default=None, help="A folder for each run's stderr (last 400 lines).")
+    parser.add_argument("--cells", default=None,
+                        help="method:strategy,... to run in this order (instead of methods x strategies)")
     args = parser.parse_args()
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="strategies_"))
     model_dir = build_model(args.tokenizer, work / "model", args.hidden, args.layers)
     cells = [(s, m) for s in args.strategies.split(",") for m in args.methods.split(",")]
+    if args.cells:
+        cells = [tuple(reversed(cell.split(":"))) for cell in args.cells.split(",")]
+    files = {m: method_files(m, model_dir, work) for m in sorted({m for _, m in cells})}
     results = []
     print(f"{'method':<9} {'strategy':<19} {'train':<5} {'s/update':>8} {'peak GiB/GPU':>12} "
           f"{'resume max|diff|':>16}  note",
@@ -172,17 +217,18 @@ def main() -> None:
         if time.perf_counter() - started > args.budget_s:
             row["status"] = "not run (budget)"
             results.append(row)
+            print(f"{method:<9} {strategy:<19} not run (budget)", flush=True)
             continue
         folder = work / f"{method}_{strategy}"
         args.strategy = strategy
-        config = write_config(method, model_dir, folder / "straight", args.updates, args)
+        config = write_config(method, model_dir, folder / "straight", args.updates, args, files[method])
         logs = Path(args.logs) if args.logs else None
         ok, error, seconds = fit(config, args.timeout_s, log=logs / f"{method}_{strategy}.log" if logs else None)
         row.update(status="ok" if ok else "fail", seconds=round(seconds, 1), note="" if ok else error)
         if ok:
             straight = folder / "straight" / "runs" / "r"
             row.update(run_stats(straight))
-            resume_config = write_config(method, model_dir, folder / "resumed", args.updates, args)
+            resume_config = write_config(method, model_dir, folder / "resumed", args.updates, args, files[method])
             checkpoint = straight / "checkpoints" / f"update{args.updates - 1:06d}.ckpt"
             ok, error, _ = fit(resume_config, args.timeout_s, "--ckpt_path", str(checkpoint),
                                log=logs / f"{method}_{strategy}_resume.log" if logs else None)
@@ -195,6 +241,8 @@ def main() -> None:
               f"{fmt(row.get('peak_gib'), '12.2f')} {fmt(row.get('resume_max_abs_diff'), '16.3g')}  "
               f"{row.get('note', '')}",
               flush=True)
+        Path(args.out).write_text(json.dumps({"devices": args.devices, "updates": args.updates, "results": results},
+                                             indent=2))  # after every cell: a killed run keeps what it measured
     Path(args.out).write_text(json.dumps({"devices": args.devices, "updates": args.updates, "results": results},
                                          indent=2))
 

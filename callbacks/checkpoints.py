@@ -190,8 +190,11 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
             return
         if trainer.is_global_zero:
             self._write_metrics_row(trainer)
-        if self.export and trainer.is_global_zero:
-            pl_module.export_artifacts(Path(self.dirpath).parent, update, final=update == pl_module.total_updates)
+        if self.export:
+            with pl_module.whole_weights():  # every rank gathers sharded weights; rank 0 writes
+                if trainer.is_global_zero:
+                    pl_module.export_artifacts(Path(self.dirpath).parent, update,
+                                               final=update == pl_module.total_updates)
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)

@@ -94,11 +94,12 @@ class HeldOutEvaluation(L.Callback):
         records = self._records(trainer)
         if not records:
             return
-        report = evaluate_intervention(
-            pl_module, [r["prompt"] for r in records], self.samples_per_prompt, self.seed, self.batch_size,
-            getattr(trainer.datamodule, "system_prompt", None), self.show_examples,
-            progress=trainer.is_global_zero, records=records, extra_arms=self.extra_arms(pl_module),
-        )
+        with pl_module.whole_weights():  # sharded weights whole while it generates and judges
+            report = evaluate_intervention(
+                pl_module, [r["prompt"] for r in records], self.samples_per_prompt, self.seed, self.batch_size,
+                getattr(trainer.datamodule, "system_prompt", None), self.show_examples,
+                progress=trainer.is_global_zero, records=records, extra_arms=self.extra_arms(pl_module),
+            )
         self.last_report = report
         self._publish(trainer, pl_module.rollout_batches_done, report)
 

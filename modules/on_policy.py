@@ -53,6 +53,7 @@ from modules.rl.advantages import ema_update, masked_mean, masked_std
 from modules.rl.kl import exact_kl
 from modules.rl.losses import TokenStats, response_token_stats
 from modules.rollout import Rollout, SamplingConfig, response_hidden_states
+from modules.sharding import check_strategy, gathered, shard_for_fsdp2, total_norm
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +272,20 @@ class OnPolicyModule(L.LightningModule):
     dropout_in_loss: bool = False
     """Whether the loss forward runs with the policy's dropout (e.g. LoRA dropout)."""
 
+    def configure_model(self) -> None:
+        """Under ``--trainer.strategy fsdp``: shard the policy's layers and the trainable modules
+        (:func:`modules.sharding.shard_for_fsdp2`); nothing under other strategies."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:
+            shard_for_fsdp2(self, self.policy, mesh["data_parallel"])
+
+    def whole_weights(self) -> AbstractContextManager:
+        """Sharded weights gathered whole for the context (generation, judging, exports); a no-op
+        unless the strategy shards them. Every rank must enter it together."""
+        return gathered(self)
+
     def on_fit_start(self) -> None:
+        check_strategy(self.trainer.strategy)
         self.policy.eval()  # no dropout while sampling and scoring; see loss_pass
         if self.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -345,13 +359,14 @@ class OnPolicyModule(L.LightningModule):
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         self._timings = {}
         start = time.perf_counter()
-        with self.reward_hold():
-            experiences = self.collect(batch)
-        started = time.perf_counter()
-        with torch.no_grad():
-            for experience in experiences:
-                self.score(experience)
-        self._timings["score_s"] = time.perf_counter() - started
+        with self.whole_weights():
+            with self.reward_hold():
+                experiences = self.collect(batch)
+            started = time.perf_counter()
+            with torch.no_grad():
+                for experience in experiences:
+                    self.score(experience)
+            self._timings["score_s"] = time.perf_counter() - started
         merged = Experience.concat(experiences, self.tokenizer.pad_token_id)
         metrics = self._rollout_metrics(experiences)
         if self._has_signal(merged):
@@ -365,7 +380,8 @@ class OnPolicyModule(L.LightningModule):
         self.rollout_batches_done += 1
         if self.lr_schedulers() is not None:
             self.lr_schedulers().step()
-        metrics.update(self.extra_metrics())
+        with self.whole_weights():
+            metrics.update(self.extra_metrics())
         metrics.update(self.reward.metrics())
         metrics.update({f"time/{k}": v for k, v in self._timings.items()})
         metrics["time/rollout_batch_s"] = time.perf_counter() - start
@@ -429,7 +445,7 @@ class OnPolicyModule(L.LightningModule):
             finite = finite and bool(torch.isfinite(loss.detach()))
             self.manual_backward(loss if losses_are_shares else loss * (weight / total))
         grads = [p.grad for g in opt.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        grad_norm = total_norm(grads)
         finite = finite and bool(torch.isfinite(grad_norm))
         finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
@@ -521,7 +537,8 @@ class OnPolicyModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = self.checkpointed_keys() - set(checkpoint["state_dict"])
+        # DeepSpeed loads the weights itself and hands over the rest without "state_dict"
+        missing = self.checkpointed_keys() - set(checkpoint.get("state_dict", self.checkpointed_keys()))
         if missing:
             raise UserError(f"the checkpoint lacks trainable state {sorted(missing)[:5]}: "
                             "was it written by this method with the same options?")

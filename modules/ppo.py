@@ -307,7 +307,7 @@ class PPO(LoRAMethod):
     # -- exports -------------------------------------------------------------------------------
     def export_adapter(self, folder: Path) -> Path:
         """The adapter in PEFT's own format plus ``value_head.pt``, written atomically."""
-        return self.lora.save(folder, {"value_head.pt": self.value_head.state_dict()})
+        return self.lora.save(folder, {"value_head.pt": dict(self.value_head.named_parameters())})
 
     def export_artifacts(self, run_dir: Path, update: int, final: bool) -> None:
         self.export_adapter(run_dir / "adapters" / f"update{update:06d}")

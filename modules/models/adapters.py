@@ -130,7 +130,10 @@ class LoRAPolicy:
         partial = folder.with_name("." + folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        self.model.save_pretrained(str(partial), selected_adapters=[POLICY_ADAPTER])
+        # the adapter's tensors as the modules hold them now (whole inside ``gathered``: a state_dict()
+        # call on FSDP2-sharded layers would hand back shards)
+        adapter = {n: p.detach() for n, p in self.model.named_parameters() if "lora_" in n}
+        self.model.save_pretrained(str(partial), selected_adapters=[POLICY_ADAPTER], state_dict=adapter)
         for name, tensors in (extra or {}).items():
             torch.save({k: v.detach().cpu() for k, v in tensors.items()}, partial / name)
         shutil.rmtree(folder, ignore_errors=True)

@@ -66,6 +66,12 @@ class SteeringVector(nn.Module):
         """The vector that is added to the hidden state: ``alpha * v``."""
         return self.alpha * self.v
 
+    def forward(self, like: torch.Tensor) -> torch.Tensor:
+        """``alpha * v`` in the dtype of ``like`` (the hidden state it is added to), as a module
+        call: the steering hook uses this, so that a sharded vector (``--trainer.strategy fsdp``) is
+        gathered for it (FSDP2 needs a tensor argument to find the device)."""
+        return self.delta().to(like.dtype)
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder layers of a causal LM (also through a peft wrapper)."""
@@ -163,7 +169,7 @@ class Steering:
             self.site_norm = float(output.detach().float().norm(dim=-1).median())
         if not self.enabled:
             return output
-        delta = self.vector.delta().to(output.dtype)
+        delta = self.vector(output)
         if self.prompt_offset is None:
             return output + delta
         if self._prompt_len is None:

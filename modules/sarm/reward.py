@@ -26,6 +26,8 @@ Departures from the seed (numbered):
    subtracts the batch estimate from every sample as the seed does.
 2. The discriminator is evaluated before it trains on a batch (a one-batch lag) rather than after,
    so the estimate is not inflated by fitting the very samples it scores.
+3. Under several ranks it trains on the latents of every rank's batch (gathered in rank order), so
+   every rank holds the same discriminator and a checkpoint (written by rank 0) resumes all of them.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 from modules.errors import UserError
 from modules.rewards import PendingRewards, RewardFunction, Rewards
 from modules.sarm.model import LatentControl, SARMRewardModel
+from modules.sharding import rows_of_every_rank
 from modules.sarm.shaping import (as_float_list, as_id_list, check_feature_ids, feature_thresholds, kl_penalty,
                                   shaped_reward, threshold_penalty, active)
 
@@ -198,7 +201,8 @@ class SARMReward(RewardFunction):
             parts["kl_penalty"], parts["kl_logit"] = kl_term, logits
             metrics = {"sarm/kl_estimate": float(logits.mean())}
             if self.update_discriminator:
-                trained = self.discriminator.update(self.human, z, self.disc_steps)
+                # every rank trains on the policy rows of all ranks, so the discriminators stay equal
+                trained = self.discriminator.update(self.human, rows_of_every_rank(z), self.disc_steps)
                 metrics.update({"sarm/disc_loss": trained["loss"], "sarm/disc_accuracy": trained["accuracy"]})
             self._add_metrics(metrics)
         values = shaped_reward(out.rewards, feature_term, kl_term)
