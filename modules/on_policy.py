@@ -25,7 +25,8 @@ run.
 
 Under several ranks, logged metrics are averaged over ranks, except counts of events (judge
 requests, failures, retries, cache hits, parse failures), which are summed, and peak memory, of
-which the largest rank's is logged (:func:`reduction_over_ranks`).
+which the largest rank's is logged (:func:`reduction_over_ranks`). A remote judge's
+``max_concurrency`` is the budget of all ranks together: each keeps its share.
 
 What a checkpoint holds: only what requires grad (a steering vector, LoRA weights, a value head)
 plus any module listed in ``extra_state_modules`` (e.g. a discriminator's buffers), the optimizer
@@ -48,6 +49,7 @@ from tqdm.auto import tqdm
 
 from modules.errors import UserError
 from modules.experience import Experience, LRSchedule, PromptBatch, lr_factor  # noqa: F401  (re-exported)
+from modules.judges.base import share_endpoints_among
 from modules.rewards import PendingRewards, RewardFunction
 from modules.rl.advantages import ema_update, masked_mean, masked_std
 from modules.rl.kl import exact_kl
@@ -286,6 +288,7 @@ class OnPolicyModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         check_strategy(self.trainer.strategy)
+        share_endpoints_among(self.trainer.world_size)  # a remote judge's max_concurrency is for all ranks
         self.policy.eval()  # no dropout while sampling and scoring; see loss_pass
         if self.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

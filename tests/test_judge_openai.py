@@ -266,6 +266,23 @@ def test_concurrency_is_bounded(make_judge):
         assert server.max_in_flight == 3
 
 
+def test_the_concurrency_budget_is_shared_by_the_ranks(make_judge):
+    from modules.judges import base
+
+    with FakeOpenAIServer(delay_s=0.1) as server:
+        judge = make_judge(server, max_concurrency=6)
+        requests = [JudgeRequest("S", f"prompt {i}", "Fine words.") for i in range(12)]
+        judge.score_blocking(requests[:1])  # the client and its semaphore exist before the ranks are known
+        try:
+            base.share_endpoints_among(2)  # what the training loop does on each of 2 ranks
+            assert all(r is not None for r in judge.score_blocking(requests[1:]))
+            assert server.max_in_flight == 3  # this rank's half of 6
+            base.share_endpoints_among(8)
+            assert base.concurrency_per_rank(6) == 1  # never none
+        finally:
+            base.share_endpoints_among(1)
+
+
 def test_identity_and_pickle(srv, make_judge):
     judge = make_judge(srv, mode="rating", prompt_format="llama3")
     assert judge.identity == f"openai:{srv.base_url}:judge-model:rating:llama3"

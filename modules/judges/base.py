@@ -97,6 +97,21 @@ class _ResponseCache:
             self.items.popitem(last=False)
 
 
+RANKS_SHARING_ENDPOINTS = 1
+"""Training processes (ranks) that call the same remote judges; set by the training loop."""
+
+
+def share_endpoints_among(ranks: int) -> None:
+    """Split every remote judge's ``max_concurrency`` among ``ranks`` processes (one per rank)."""
+    global RANKS_SHARING_ENDPOINTS
+    RANKS_SHARING_ENDPOINTS = max(1, int(ranks))
+
+
+def concurrency_per_rank(limit: int) -> int:
+    """This rank's share of a budget of ``limit`` requests in flight (at least one)."""
+    return max(1, limit // RANKS_SHARING_ENDPOINTS)
+
+
 class Judge(ABC):
     """Base class of all judges. Subclasses implement :meth:`_score_uncached`.
 

@@ -41,7 +41,7 @@ import openai
 
 from modules.errors import UserError
 from modules.judges import background
-from modules.judges.base import Judge, Judgement, JudgeRequest
+from modules.judges.base import Judge, Judgement, JudgeRequest, concurrency_per_rank
 from modules.judges.chat_format import render_judge_prefix
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ class OpenAICompatibleJudge(Judge):
             its tokens (some servers shift them by one position).
         api_key_env: Name of the environment variable that holds the API key (the key itself is
             never passed as an argument); unset means no key, fine for a local server.
-        max_concurrency: Most requests in flight at once.
+        max_concurrency: Most requests in flight at once, over all training ranks together (each of
+            N ranks keeps at most ``max_concurrency // N``, at least one).
         timeout_s: Seconds before one HTTP attempt times out.
         max_retries: Retries of the openai client for 408/409/429/5xx, timeouts and connection errors.
         garbage_retries: Retries of a reply that arrived but cannot be used (no logprobs, no digit).
@@ -143,6 +144,7 @@ class OpenAICompatibleJudge(Judge):
         self._warned_digit_share = False
         self._client: openai.AsyncOpenAI | None = None
         self._semaphore: asyncio.Semaphore | None = None
+        self._semaphore_size = 0
 
     @property
     def identity(self) -> str:
@@ -167,7 +169,9 @@ class OpenAICompatibleJudge(Judge):
         """The shared client, made on first use on the background loop that it will stay bound to."""
         if self._client is None:
             self._client = self._new_client(self.timeout_s, self.max_retries)
-            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        share = concurrency_per_rank(self.max_concurrency)  # the budget is global: split among ranks
+        if self._semaphore is None or self._semaphore_size != share:
+            self._semaphore, self._semaphore_size = asyncio.Semaphore(share), share
         return self._client
 
     def close(self) -> None:
