@@ -218,7 +218,8 @@ class OnPolicyModule(L.LightningModule):
         self.reward.preflight()
 
     def extra_metrics(self) -> dict[str, float]:
-        """Method-specific metrics logged once per update."""
+        """Method-specific metrics logged once per update (called on every rank: a sharded tensor is
+        read through :func:`modules.sharding.whole`)."""
         return {}
 
     def heldout_summary(self, values: dict[str, list[float]]) -> dict[str, float]:
@@ -292,6 +293,9 @@ class OnPolicyModule(L.LightningModule):
         self.policy.eval()  # no dropout while sampling and scoring; see loss_pass
         if self.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def teardown(self, stage: str) -> None:
+        share_endpoints_among(1)  # judges used after training (evaluate, generate) are this process's alone
 
     def policy_hidden(self, batch: Rollout) -> torch.Tensor:
         """[B, R, d] final hidden states predicting the response tokens, interventions on (gradient
@@ -383,8 +387,7 @@ class OnPolicyModule(L.LightningModule):
         self.rollout_batches_done += 1
         if self.lr_schedulers() is not None:
             self.lr_schedulers().step()
-        with self.whole_weights():
-            metrics.update(self.extra_metrics())
+        metrics.update(self.extra_metrics())
         metrics.update(self.reward.metrics())
         metrics.update({f"time/{k}": v for k, v in self._timings.items()})
         metrics["time/rollout_batch_s"] = time.perf_counter() - start

@@ -54,6 +54,7 @@ from modules.rl import ppo as ppo_math
 from modules.rl.kl import KLEstimator, exact_kl, k3_kl
 from modules.rl.losses import scatter_to_rows
 from modules.rollout import Rollout, rollout, teacher_forced_rollout
+from modules.sharding import total_norm
 
 RolloutSource = Literal["sample", "from_data"]
 
@@ -301,8 +302,7 @@ class PPO(LoRAMethod):
         return loss, metrics
 
     def extra_metrics(self) -> dict[str, float]:
-        lora_norm = sum(float(p.detach().float().pow(2).sum()) for p in self.lora.trainable_state().values()) ** 0.5
-        return {"lora/weight_norm": lora_norm}
+        return {"lora/weight_norm": float(total_norm(list(self.lora.trainable_state().values())))}
 
     # -- exports -------------------------------------------------------------------------------
     def export_adapter(self, folder: Path) -> Path:

@@ -21,20 +21,27 @@ directly.
 
 Generation, the judge and the exports need whole weights: :func:`gathered` gathers every sharded
 module once (not layer by layer at every decoded token), keeps it whole for the context, and frees
-the copies after. The loop wraps collect + score, the per-update metrics, held-out reports and
-exports in it, so generation is as fast as under DDP and costs the whole model's memory while it runs.
+the copies after. The loop wraps collect + score, held-out reports and exports in it: no collective
+runs while a rank samples (ranks stop sampling at different steps), but the whole policy must fit
+on one GPU while it samples, and the rollout engine steps aside for FSDP's hooks (HF ``generate``
+samples). The loss pass runs sharded, gathering layer by layer.
 
-DeepSpeed ZeRO-2 shards only optimizer state and gradients and needs none of this; ZeRO-3 partitions
-every parameter and is refused with one line (see :func:`check_strategy`).
+Checkpoints are one file with the trainable state gathered whole (``checkpointed_keys``), which any
+strategy resumes from; :meth:`FSDP2Strategy.load_checkpoint` reads those of DDP and one device too.
+
+DeepSpeed ZeRO-2 shards only optimizer state and gradients and needs none of this; its checkpoints
+leave frozen weights out (:func:`register_strategies`). ZeRO-3 partitions every parameter and is
+refused with one line (:func:`check_strategy`).
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager, nullcontext
+from pathlib import Path
 from typing import Iterator
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy, StrategyRegistry
 from torch import nn
 
 from modules.errors import UserError
@@ -65,17 +72,60 @@ class FSDP2Strategy(ModelParallelStrategy):
         frozen base is rebuilt from its id, so it is neither gathered nor written."""
         module = self.lightning_module
         keep = module.checkpointed_keys() if hasattr(module, "checkpointed_keys") else None
-        state = {name: whole(t).detach().cpu() for name, t in module.state_dict().items()
-                 if keep is None or name in keep}
+        state = {name: whole(t).detach().cpu() if isinstance(t, torch.Tensor) else t
+                 for name, t in module.state_dict().items() if keep is None or name in keep}
         return state if self.global_rank == 0 else {}
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
-        """Lightning's loading, which puts the tensors into the sharded module and drops them from
-        the dict it returns; the names stay, for the module's check that nothing trainable is missing."""
+        """A one-file checkpoint of any strategy (this one's, DDP's, one device's) into the sharded
+        module and optimizer. Lightning's own loading numbers the optimizer's tensors by their place
+        among *all* the module's parameters, frozen ones included, and would give Adam's moments of
+        a DDP checkpoint to the wrong tensors; here they go by their place in the optimizer, as in
+        torch's own ``Optimizer.load_state_dict``."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
         path = self.broadcast(checkpoint_path)
-        names = list(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state_dict"])
-        checkpoint = super().load_checkpoint(path, weights_only)
-        checkpoint.setdefault("state_dict", dict.fromkeys(names))
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        options = StateDictOptions(full_state_dict=True, strict=False)  # the frozen base is not in it
+        set_model_state_dict(self.model, checkpoint["state_dict"], options=options)
+        saved = checkpoint.pop("optimizer_states", [])
+        if self.lightning_module.trainer.state.fn == "fit":
+            for optimizer, state in zip(self.optimizers, saved):
+                set_optimizer_state_dict(self.model, optimizer, optim_state_dict=_by_name(state, optimizer, self.model),
+                                         options=options)
+        checkpoint["state_dict"] = dict.fromkeys(checkpoint["state_dict"])  # names, for the module's check
+        return checkpoint
+
+
+def _by_name(saved: dict, optimizer, module: nn.Module) -> dict:
+    """An optimizer state in torch's format (tensors numbered) keyed by parameter names instead:
+    the k-th number of the saved groups is the k-th parameter of ``optimizer``'s groups."""
+    numbers = [n for group in saved["param_groups"] for n in group["params"]]
+    if numbers and isinstance(numbers[0], str):
+        return saved  # already by name
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(numbers) != len(params):
+        raise UserError(f"the checkpoint's optimizer holds {len(numbers)} tensors, this run trains {len(params)}: "
+                        "was it written by this method with the same options?")
+    names = {id(p): name for name, p in module.named_parameters()}
+    name_of = {n: names[id(p)] for n, p in zip(numbers, params)}
+    return {"state": {name_of[n]: value for n, value in saved["state"].items()},
+            "param_groups": [{**group, "params": [name_of[n] for n in group["params"]]}
+                             for group in saved["param_groups"]]}
+
+
+class DeepSpeedTrainableStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy, handing back the names of the tensors it loaded, for the
+    module's check that a checkpoint holds everything that trains (DeepSpeed loads non-strictly)."""
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
+        if "state_dict" not in checkpoint:
+            files = sorted(Path(checkpoint_path).glob("*/mp_rank_*_model_states.pt"))
+            if files:
+                saved = torch.load(files[0], map_location="cpu", weights_only=False)
+                checkpoint["state_dict"] = dict.fromkeys(saved.get("module") or {})
         return checkpoint
 
 
@@ -87,9 +137,9 @@ def register_strategies() -> None:
         StrategyRegistry.register(name, FSDP2Strategy, description="FSDP2 (fully_shard) over every rank",
                                   override=True)
     for name, entry in list(StrategyRegistry.items()):
-        if entry["strategy"].__name__ == "DeepSpeedStrategy":
-            StrategyRegistry.register(name, entry["strategy"], description=entry["description"], override=True,
-                                      **{**entry["init_params"], "exclude_frozen_parameters": True})
+        if issubclass(entry["strategy"], DeepSpeedStrategy):
+            StrategyRegistry.register(name, DeepSpeedTrainableStrategy, description=entry["description"],
+                                      override=True, **{**entry["init_params"], "exclude_frozen_parameters": True})
 
 
 def check_strategy(strategy) -> None:
@@ -97,7 +147,7 @@ def check_strategy(strategy) -> None:
     if getattr(strategy, "zero_stage_3", False):
         raise UserError("deepspeed_stage_3 is not supported: ZeRO-3 partitions every weight, and generation, the "
                         "shared judge and the LM head read weights outside a forward pass. Use "
-                        "--trainer.strategy fsdp, which shards the frozen base's layers the same way, or "
+                        "--trainer.strategy fsdp (the frozen base's layers sharded between rollouts) or "
                         "deepspeed_stage_2")
 
 
@@ -167,9 +217,9 @@ def gathered(module: nn.Module) -> Iterator[None]:
         return
     with ExitStack() as stack:
         for part in sharded:
-            part.unshard()
+            stack.callback(_reshard, part)  # first: a failure while gathering still frees what was gathered
             part.set_reshard_after_forward(False, recurse=False)
-            stack.callback(_reshard, part)
+            part.unshard()
         yield
 
 

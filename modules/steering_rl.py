@@ -54,6 +54,7 @@ from modules.rl.advantages import advantage_fn, masked_mean
 from modules.rl.kl import KLEstimator, exact_kl, k3_kl, sampled_log_ratio
 from modules.rl.losses import reinforce_loss, scatter_to_rows
 from modules.rollout import Rollout, response_hidden_states, rollout
+from modules.sharding import whole
 
 
 KL_PENALTIES = {
@@ -275,10 +276,9 @@ class SteeringVectorRL(OnPolicyModule):
             self.steering.record_site_norm = False
 
     def extra_metrics(self) -> dict[str, float]:
-        v = self.steering_vector
-        delta_norm = float(v.delta().detach().norm())
-        metrics = {"steer/alpha": float(v.alpha.detach()), "steer/v_norm": float(v.v.detach().norm()),
-                   "steer/delta_norm": delta_norm}
+        alpha, v = (whole(t.detach()) for t in (self.steering_vector.alpha, self.steering_vector.v))
+        delta_norm = float((alpha * v).norm())
+        metrics = {"steer/alpha": float(alpha), "steer/v_norm": float(v.norm()), "steer/delta_norm": delta_norm}
         if self.steering.site_norm:
             metrics["steer/site_norm"] = self.steering.site_norm
             metrics["steer/relative_norm"] = delta_norm / self.steering.site_norm

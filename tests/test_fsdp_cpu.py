@@ -1,8 +1,8 @@
 """``--trainer.strategy fsdp2`` (FSDP2, the project's ``fsdp``) on two CPU ranks over gloo, for every
 method: the sharded run trains the same trainable state as DDP on the same data and seeds (to float
-rounding), its
-checkpoints hold that state whole (so a DDP run resumes from them), its exports are
-written, and a run resumed from its mid checkpoint under FSDP2 ends exactly where it would have."""
+rounding), its checkpoints hold that state whole (DDP resumes from them, and FSDP2 from DDP's, Adam's
+moments included), its exports hold the same tensors, and a run resumed from its mid checkpoint
+under FSDP2 ends exactly where it would have."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def _write(tmp: Path, config: dict) -> Path:
     config.setdefault("trainer", {}).update({
         "enable_progress_bar": False, "accelerator": "cpu", "devices": 2,
         "callbacks": [{"class_path": "callbacks.checkpoints.EvenlySpacedCheckpoint",
-                       "init_args": {"num_checkpoints": 2}}]})
+                       "init_args": {"num_checkpoints": 4}}]})
     config["trainer"].pop("logger", None)
     tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "config.yaml"
@@ -98,19 +98,44 @@ def test_fsdp2_trains_what_ddp_trains_and_resumes_exactly(method, tiny_llama_dir
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-3, msg=lambda m: f"{key}: {m}")
     difference = sum(float((a[k] - b[k]).norm()) ** 2 for k in a) ** 0.5
     assert difference <= 1e-3 * sum(float(a[k].norm()) ** 2 for k in a) ** 0.5
-    final = _trained(ddp)
-    assert any(not torch.equal(final[k], a[k]) for k in a)  # training moves the state: the comparison is not vacuous
-    assert (sharded / export).exists()
+    first = _trained(ddp, "update000001.ckpt")
+    assert any(not torch.equal(first[k], a[k]) for k in a)  # the second update moved it: not a comparison of starts
+
+    straight = _trained(sharded)
+    exported = _export_tensors(sharded / export)
+    kept = sorted(float(t.float().pow(2).sum()) for k, t in straight.items() if EXPORTED[method](k))
+    assert len(exported) == len(kept) and exported == pytest.approx(kept, rel=1e-6)  # whole tensors, this state
 
     resumed = _run(build(tmp_path / "resumed", tiny_llama_dir, **args), "fsdp2", "--ckpt_path",
                    sharded / "checkpoints" / "update000002.ckpt")
-    straight, again = _trained(sharded), _trained(resumed)
+    again = _trained(resumed)
     assert all(torch.equal(again[k], straight[k]) for k in straight)
-    if method == "steering":  # a checkpoint written under fsdp2 is whole: DDP resumes from it too
+    if method == "steering":  # checkpoints are whole: each strategy resumes the other's, Adam's moments included
         under_ddp = _run(build(tmp_path / "to_ddp", tiny_llama_dir, **args), "ddp", "--ckpt_path",
                          sharded / "checkpoints" / "update000002.ckpt")
-        for key, value in _trained(under_ddp).items():
-            torch.testing.assert_close(value, straight[key], rtol=1e-4, atol=1e-6)
+        under_fsdp = _run(build(tmp_path / "to_fsdp", tiny_llama_dir, **args), "fsdp2", "--ckpt_path",
+                          ddp / "checkpoints" / "update000002.ckpt")
+        for run, reference in ((under_ddp, straight), (under_fsdp, _trained(ddp))):
+            for key, value in _trained(run).items():
+                torch.testing.assert_close(value, reference[key], rtol=1e-4, atol=1e-6)
+
+
+EXPORTED = {"steering": lambda key: key.startswith("steering_vector."),
+            "ppo": lambda key: "lora_" in key or key.startswith("value_head."),
+            "oracle": lambda key: "lora_" in key, "sarm": lambda key: "lora_" in key or key.startswith("value_head.")}
+
+
+def _export_tensors(path: Path) -> list[float]:
+    """Sums of squares of an export's tensors, sorted (names differ between the formats)."""
+    from safetensors.torch import load_file
+
+    if path.suffix == ".pt":
+        tensors = [t for k, t in torch.load(path, weights_only=True).items() if k in ("v", "alpha")]
+    else:
+        tensors = list(load_file(str(path / "adapter_model.safetensors")).values())
+        if (path / "value_head.pt").exists():
+            tensors += list(torch.load(path / "value_head.pt", weights_only=True).values())
+    return sorted(float(t.float().pow(2).sum()) for t in tensors)
 
 
 def test_strategy_names_and_the_zero3_refusal():
