@@ -543,8 +543,7 @@ class OnPolicyModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # DeepSpeed loads the weights itself and hands over the rest without "state_dict"
-        missing = self.checkpointed_keys() - set(checkpoint.get("state_dict", self.checkpointed_keys()))
+        missing = self.checkpointed_keys() - set(checkpoint["state_dict"])  # names only, under sharded strategies
         if missing:
             raise UserError(f"the checkpoint lacks trainable state {sorted(missing)[:5]}: "
                             "was it written by this method with the same options?")

@@ -36,7 +36,7 @@ refused with one line (:func:`check_strategy`).
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -121,11 +121,10 @@ class DeepSpeedTrainableStrategy(DeepSpeedStrategy):
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
-        if "state_dict" not in checkpoint:
+        if "state_dict" not in checkpoint:  # none found: the module's check names what is missing
             files = sorted(Path(checkpoint_path).glob("*/mp_rank_*_model_states.pt"))
-            if files:
-                saved = torch.load(files[0], map_location="cpu", weights_only=False)
-                checkpoint["state_dict"] = dict.fromkeys(saved.get("module") or {})
+            saved = torch.load(files[0], map_location="cpu", weights_only=False) if files else {}
+            checkpoint["state_dict"] = dict.fromkeys(saved.get("module") or {})
         return checkpoint
 
 
@@ -210,13 +209,8 @@ def shard_for_fsdp2(module: nn.Module, policy: nn.Module, mesh) -> int:
 def gathered(module: nn.Module) -> Iterator[None]:
     """Every FSDP2-sharded module of ``module`` whole for the context (gathered once, freed after);
     nothing to do when nothing is sharded."""
-    sharded = fsdp_modules(module)
-    if not sharded:
-        with nullcontext():
-            yield
-        return
     with ExitStack() as stack:
-        for part in sharded:
+        for part in fsdp_modules(module):
             stack.callback(_reshard, part)  # first: a failure while gathering still frees what was gathered
             part.set_reshard_after_forward(False, recurse=False)
             part.unshard()
