@@ -105,7 +105,7 @@ def run_training(argv: list[str] | None) -> None:
         def before_fit(self) -> None:
             """Every check before anything is written into the run folder."""
             config = self.config.fit
-            check_strategy(self.trainer.strategy)
+            check_strategy(self.trainer.strategy, self.model)
             run_dir = Path(config.trainer.default_root_dir)
             checkpoints = _checkpoint_dir(self.trainer, run_dir)
             if config.ckpt_path is None and any(checkpoints.glob("*.ckpt")):

@@ -5,7 +5,10 @@ Each cell is ``python cli.py fit`` with the method's embedded config (its reward
 random-weight Llama of a real shape (hidden 1024, 8 layers, SmolLM2's tokenizer), for ``--updates``
 updates with a checkpoint after each; then the same run resumed from the second-to-last checkpoint
 in a new folder. Resume is reported as the largest difference between the two runs' final exports
-(``steering_vector.pt``; the PEFT adapter and value head).
+(``steering_vector.pt``; the PEFT adapter and value head). Every run of a method starts from the
+same seed, data and weights, so its final exports are also compared with those of the method's
+first strategy in the list (``vs first``: a strategy that lost or doubled a gradient shows here;
+bf16 reductions in another order differ in the last bits).
 
     python benchmarks/strategies.py --tokenizer PATH --devices 2 --out results.json
 
@@ -33,12 +36,18 @@ sys.path.insert(0, str(ROOT))  # the project's modules, for the files a method n
 CONFIGS = {"steering": "configs/steering_rl_smollm2.yaml", "ppo": "configs/sycophancy_ppo_smollm2.yaml",
            "ppo_nf4": "configs/sycophancy_ppo_smollm2.yaml", "oracle": "configs/oracle_grpo_smollm2.yaml",
            "sarm": "configs/sarm_ppo_smollm2.yaml"}
-SMALL = dict(steering=dict(batch_size=4, grad_accum=1, max_new_tokens=16),
-             ppo=dict(batch_size=4, grad_accum=1, max_new_tokens=16, ppo_epochs=1, num_minibatches=1),
+# update_batch_size < batch_size: each optimizer step adds the gradients of two backward passes
+SMALL = dict(steering=dict(batch_size=4, grad_accum=1, max_new_tokens=16, update_batch_size=2),
+             ppo=dict(batch_size=4, grad_accum=1, max_new_tokens=16, ppo_epochs=1, num_minibatches=1,
+                      update_batch_size=2),
              ppo_nf4=dict(batch_size=4, grad_accum=1, max_new_tokens=16, ppo_epochs=1, num_minibatches=1,
-                          load_in_4bit=True),
-             oracle=dict(batch_size=8, grad_accum=1, max_new_tokens=16),
-             sarm=dict(batch_size=4, grad_accum=1, max_new_tokens=16, ppo_epochs=1, num_minibatches=1))
+                          load_in_4bit=True, update_batch_size=2),
+             oracle=dict(batch_size=8, grad_accum=1, max_new_tokens=16, update_batch_size=4),
+             sarm=dict(batch_size=4, grad_accum=1, max_new_tokens=16, ppo_epochs=1, num_minibatches=1,
+                       update_batch_size=2))
+# the same rollouts in one backward pass: its update-1 gradient norm must equal steering's two-pass one
+SMALL["steering_one_pass"] = dict(SMALL["steering"], update_batch_size=4)
+CONFIGS["steering_one_pass"] = CONFIGS["steering"]
 
 
 def method_files(method: str, model_dir: str, folder: Path) -> dict:
@@ -92,6 +101,7 @@ def build_model(tokenizer: str, folder: Path, hidden: int, layers: int) -> str:
 
 
 def write_config(method: str, model_dir: str, folder: Path, updates: int, args, files: dict) -> Path:
+    method = method.split("#")[0]
     config = yaml.safe_load((ROOT / CONFIGS[method]).read_text())
     init = config["model"]["init_args"]
     init.update(model=model_dir, dtype=args.dtype, total_updates=updates, **SMALL[method], **files)
@@ -157,7 +167,13 @@ def run_stats(run: Path) -> dict:
         rows = [r for r in csv.DictReader(file) if r.get("reward/mean")]
     times = [float(r["time/rollout_batch_s"]) for r in rows[1:] if r.get("time/rollout_batch_s")]
     peaks = [float(r["memory/peak_gib"]) for r in rows if r.get("memory/peak_gib")]
-    return {"s_per_update": sum(times) / len(times) if times else None, "peak_gib": max(peaks) if peaks else None}
+    # update 1 starts from the same weights under every strategy: equal rollouts (reward) must give the
+    # same gradient norm, whoever holds the gradients (a lost or doubled chunk shows here first)
+    norm_key = next((k for k in (rows[0] if rows else {}) if k.endswith("grad_norm")), None)
+    first = {"update1_reward": float(rows[0]["reward/mean"]) if rows else None,
+             "update1_grad_norm": float(rows[0][norm_key]) if norm_key and rows[0][norm_key] else None}
+    return {"s_per_update": sum(times) / len(times) if times else None, "peak_gib": max(peaks) if peaks else None,
+            **first}
 
 
 def export_difference(a: Path, b: Path) -> float | None:
@@ -199,7 +215,8 @@ def main() -> None:
     parser.add_argument("--accelerator", default="gpu", help="cpu for a smoke test of the script")
     parser.add_argument("--logs", default=None, help="A folder for each run's stderr (last 400 lines).")
     parser.add_argument("--cells", default=None,
-                        help="method:strategy,... to run in this order (instead of methods x strategies)")
+                        help="method:strategy,... to run in this order (instead of methods x strategies); "
+                             "method#2 runs a method again in a folder of its own")
     args = parser.parse_args()
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="strategies_"))
@@ -207,10 +224,11 @@ def main() -> None:
     cells = [(s, m) for s in args.strategies.split(",") for m in args.methods.split(",")]
     if args.cells:
         cells = [tuple(reversed(cell.split(":"))) for cell in args.cells.split(",")]
-    files = {m: method_files(m, model_dir, work) for m in sorted({m for _, m in cells})}
+    files = {m: method_files(m.split("#")[0], model_dir, work) for m in sorted({m for _, m in cells})}
     results = []
+    first: dict[str, tuple[Path, str]] = {}  # method -> run folder and name of its first strategy that trained
     print(f"{'method':<9} {'strategy':<19} {'train':<5} {'s/update':>8} {'peak GiB/GPU':>12} "
-          f"{'resume max|diff|':>16}  note",
+          f"{'resume max|diff|':>16} {'vs first':>9} {'u1 reward':>10} {'u1 |grad|':>10}  note",
           flush=True)
     for strategy, method in cells:
         row = {"method": method, "strategy": strategy, "devices": args.devices}
@@ -235,10 +253,18 @@ def main() -> None:
             row["resume_max_abs_diff"] = export_difference(straight, folder / "resumed" / "runs" / "r") if ok else None
             if not ok:
                 row["note"] = f"resume: {error}"
+            base = method.split("#")[0]  # "ppo#2": ppo run again (run-to-run determinism)
+            if base in first:
+                row["vs_first_max_abs_diff"] = export_difference(first[base][0], straight)
+                row["first_strategy"] = first[base][1]
+            else:
+                first[base] = (straight, strategy)
         results.append(row)
         fmt = lambda v, f: format(v, f) if isinstance(v, float) else "-"  # noqa: E731
         print(f"{method:<9} {strategy:<19} {row['status']:<5} {fmt(row.get('s_per_update'), '8.2f')} "
-              f"{fmt(row.get('peak_gib'), '12.2f')} {fmt(row.get('resume_max_abs_diff'), '16.3g')}  "
+              f"{fmt(row.get('peak_gib'), '12.2f')} {fmt(row.get('resume_max_abs_diff'), '16.3g')} "
+              f"{fmt(row.get('vs_first_max_abs_diff'), '9.3g')} {fmt(row.get('update1_reward'), '10.5f')} "
+              f"{fmt(row.get('update1_grad_norm'), '10.5g')}  "
               f"{row.get('note', '')}",
               flush=True)
         Path(args.out).write_text(json.dumps({"devices": args.devices, "updates": args.updates, "results": results},

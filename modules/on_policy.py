@@ -55,7 +55,7 @@ from modules.rl.advantages import ema_update, masked_mean, masked_std
 from modules.rl.kl import exact_kl
 from modules.rl.losses import TokenStats, response_token_stats
 from modules.rollout import Rollout, SamplingConfig, response_hidden_states
-from modules.sharding import check_strategy, gathered, shard_for_fsdp2, total_norm
+from modules.sharding import check_strategy, deepspeed_engine, gathered, shard_for_fsdp2, total_norm, whole
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ class OnPolicyModule(L.LightningModule):
         return gathered(self)
 
     def on_fit_start(self) -> None:
-        check_strategy(self.trainer.strategy)
+        check_strategy(self.trainer.strategy, self)
         share_endpoints_among(self.trainer.world_size)  # a remote judge's max_concurrency is for all ranks
         self.policy.eval()  # no dropout while sampling and scoring; see loss_pass
         if self.gradient_checkpointing:
@@ -308,7 +308,7 @@ class OnPolicyModule(L.LightningModule):
         """Log-probs (and a full-vocabulary KL when ``ref_hidden`` and ``full_kl`` are given) of a
         rollout's response tokens from [N, d] hidden states gathered under the response mask."""
         targets = batch.response_ids[batch.response_mask.bool()]
-        weight = self.policy.get_output_embeddings().weight
+        weight = whole(self.policy.get_output_embeddings().weight)  # a frozen copy under ZeRO-3
         return response_token_stats(hidden, ref_hidden, targets, weight, self.sampling.temperature,
                                     full_kl if ref_hidden is not None else None, self.logit_chunk_tokens, entropy)
 
@@ -437,7 +437,8 @@ class OnPolicyModule(L.LightningModule):
         aggregations normalise by counts of the whole step) and are summed as they are. Every chunk is
         backpropagated even when a loss is NaN (under DDP all ranks must run the same backward
         calls); whether to step is then decided by all ranks together. Clipping goes through
-        Lightning's ``clip_gradients`` (correct under sharded strategies).
+        Lightning's ``clip_gradients`` (correct under FSDP); under DeepSpeed the engine clips and
+        skips (see :func:`modules.sharding.deepspeed_engine`).
         """
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
@@ -450,14 +451,23 @@ class OnPolicyModule(L.LightningModule):
             per_chunk.append({"loss": loss.detach(), **metrics})
             finite = finite and bool(torch.isfinite(loss.detach()))
             self.manual_backward(loss if losses_are_shares else loss * (weight / total))
-        grads = [p.grad for g in opt.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grad_norm = total_norm(grads)
-        finite = finite and bool(torch.isfinite(grad_norm))
-        finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if finite:
-            if self.max_grad_norm > 0:
-                self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        engine = deepspeed_engine(self.trainer.strategy)
+        if engine is not None:
+            # DeepSpeed holds the gradients, clips them and skips a step whose gradient norm is NaN/inf
+            # (a NaN loss gives one); the step must run for it to reset its gradient partitions
             opt.step()
+            grad_norm = torch.tensor(float(engine.get_global_grad_norm() or 0.0))
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True) and engine.was_step_applied()
+        else:
+            grads = [p.grad for g in opt.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            grad_norm = total_norm(grads)
+            finite = self.trainer.strategy.reduce_boolean_decision(finite and bool(torch.isfinite(grad_norm)),
+                                                                   all=True)
+            if finite:
+                if self.max_grad_norm > 0:
+                    self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+        if finite:
             self._skipped_in_a_row = 0
         else:
             self.skipped_updates += 1

@@ -301,8 +301,10 @@ class PPO(LoRAMethod):
             metrics["loss/kl"] = kl_term.detach()
         return loss, metrics
 
+    @torch.no_grad()
     def extra_metrics(self) -> dict[str, float]:
-        return {"lora/weight_norm": float(total_norm(list(self.lora.trainable_state().values())))}
+        adapter = [p for p in self.lora.model.parameters() if p.requires_grad]  # the parameters: sharded ones gather
+        return {"lora/weight_norm": float(total_norm(adapter))}
 
     # -- exports -------------------------------------------------------------------------------
     def export_adapter(self, folder: Path) -> Path:

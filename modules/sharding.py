@@ -29,9 +29,15 @@ samples). The loss pass runs sharded, gathering layer by layer.
 Checkpoints are one file with the trainable state gathered whole (``checkpointed_keys``), which any
 strategy resumes from; :meth:`FSDP2Strategy.load_checkpoint` reads those of DDP and one device too.
 
-DeepSpeed ZeRO-2 shards only optimizer state and gradients and needs none of this; its checkpoints
-leave frozen weights out (:func:`register_strategies`). ZeRO-3 partitions every parameter and is
-refused with one line (:func:`check_strategy`).
+DeepSpeed (:class:`DeepSpeedTrainableStrategy`): ZeRO-2 shards only optimizer state and gradients
+and needs none of this. ZeRO-3 partitions every parameter of the module, frozen ones included, and
+gathers a layer's weights in forward hooks. For generation, the judge and the exports
+:func:`gathered` takes DeepSpeed's hooks off, gathers every parameter once, and puts the hooks back
+after (so no rank waits in a collective while another samples); the loss reads the LM head's
+weight through :func:`whole`. A 4-bit (bitsandbytes) base can be sharded by neither ZeRO-3 nor
+FSDP2 and is refused with one line (:func:`check_strategy`). Under every DeepSpeed stage the checkpoints leave frozen weights
+out, DeepSpeed clips the gradients (``gradient_clipping`` = the method's ``max_grad_norm``) and skips
+a step whose gradient norm is NaN/inf (:func:`deepspeed_engine`).
 """
 
 from __future__ import annotations
@@ -116,13 +122,39 @@ def _by_name(saved: dict, optimizer, module: nn.Module) -> dict:
 
 
 class DeepSpeedTrainableStrategy(DeepSpeedStrategy):
-    """Lightning's DeepSpeed strategy, handing back the names of the tensors it loaded, for the
-    module's check that a checkpoint holds everything that trains (DeepSpeed loads non-strictly)."""
+    """Lightning's DeepSpeed strategy for the on-policy methods:
+
+    - clips gradients at the module's ``max_grad_norm`` (Lightning's ``clip_gradients`` does nothing
+      under DeepSpeed, and its config takes the Trainer's ``gradient_clip_val``, which manual
+      optimization cannot set);
+    - lets the gradients of several backward passes in one ``training_step`` add up under ZeRO-3:
+      DeepSpeed starts a new micro-step at each forward of the engine, and a method's whole update
+      (several chunks, each with its backward) runs inside one, so without this each chunk's
+      gradient would overwrite the last;
+    - hands back the names of the tensors a checkpoint held, for the module's check that it holds
+      everything that trains (DeepSpeed loads non-strictly).
+    """
+
+    def setup(self, trainer) -> None:
+        if self.config is not None:
+            self.config.setdefault("gradient_clipping", float(getattr(trainer.lightning_module, "max_grad_norm", 0.0)))
+            # offloaded, the optimizer state lives in CPU memory; torch's AdamW steps it there. DeepSpeed
+            # insists on its own compiled CPU Adam unless told otherwise, which pays off for full
+            # fine-tuning, not for a vector, LoRA or a value head
+            self.config.setdefault("zero_force_ds_cpu_optimizer", False)
+        super().setup(trainer)
+
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        zero_optimizer = getattr(self.deepspeed_engine, "optimizer", None)
+        if hasattr(zero_optimizer, "clear_backward_seen_flag"):
+            zero_optimizer.clear_backward_seen_flag()  # what the engine's forward does before each backward
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
         if "state_dict" not in checkpoint:  # none found: the module's check names what is missing
-            files = sorted(Path(checkpoint_path).glob("*/mp_rank_*_model_states.pt"))
+            # ZeRO-2 writes mp_rank_00_model_states.pt, ZeRO-3 one zero_pp_rank_K_mp_rank_00_model_states.pt per rank
+            files = sorted(Path(checkpoint_path).glob("*/*mp_rank_*_model_states.pt"))
             saved = torch.load(files[0], map_location="cpu", weights_only=False) if files else {}
             checkpoint["state_dict"] = dict.fromkeys(saved.get("module") or {})
         return checkpoint
@@ -141,19 +173,45 @@ def register_strategies() -> None:
                                       override=True, **{**entry["init_params"], "exclude_frozen_parameters": True})
 
 
-def check_strategy(strategy) -> None:
-    """One line for a strategy the methods cannot train under."""
-    if getattr(strategy, "zero_stage_3", False):
-        raise UserError("deepspeed_stage_3 is not supported: ZeRO-3 partitions every weight, and generation, the "
-                        "shared judge and the LM head read weights outside a forward pass. Use "
-                        "--trainer.strategy fsdp (the frozen base's layers sharded between rollouts) or "
-                        "deepspeed_stage_2")
+def check_strategy(strategy, module: nn.Module) -> None:
+    """One line for a combination the methods cannot train under: a 4-bit (bitsandbytes) base packs
+    its weights into uint8 tensors, which neither ZeRO-3 nor FSDP2 can shard."""
+    sharded = "deepspeed_stage_3" if getattr(strategy, "zero_stage_3", False) else (
+        "fsdp" if isinstance(strategy, FSDP2Strategy) else None)
+    if sharded and any(type(p).__name__ == "Params4bit" for p in module.parameters()):
+        raise UserError(f"{sharded} cannot shard a 4-bit (bitsandbytes) base: use --trainer.strategy ddp or "
+                        f"deepspeed_stage_2 with load_in_4bit, or {sharded} with a bf16 base")
+
+
+def deepspeed_engine(strategy):
+    """The DeepSpeed engine when ``strategy`` is DeepSpeed and set up, else None. DeepSpeed keeps
+    the gradients in its own partitions (``p.grad`` stays None), clips them and skips a step whose
+    gradient norm is NaN/inf itself; its ``get_global_grad_norm()`` after a step is the norm before
+    clipping."""
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return None
+    engine = strategy.model
+    return engine if hasattr(engine, "get_global_grad_norm") else None
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
-    """A sharded tensor (DTensor) gathered whole on every rank (a collective); others as they are."""
+    """A sharded tensor gathered whole on every rank (a collective: every rank calls it for the same
+    tensors): an FSDP2 DTensor as its full tensor, a ZeRO-3 partitioned parameter as a detached copy;
+    others as they are."""
     full = getattr(tensor, "full_tensor", None)
-    return full() if full is not None else tensor
+    if full is not None:
+        return full()
+    if _zero3_partitioned(tensor):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor]):
+            return tensor.detach().clone()
+    return tensor
+
+
+def _zero3_partitioned(tensor: torch.Tensor) -> bool:
+    status = getattr(tensor, "ds_status", None)
+    return status is not None and status.name == "NOT_AVAILABLE"
 
 
 def rows_of_every_rank(rows: torch.Tensor) -> torch.Tensor:
@@ -174,6 +232,7 @@ def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of all ``tensors`` together, whole or sharded (the same value on every rank)."""
     if not tensors:
         return torch.zeros(())
+    tensors = [whole(t) if _zero3_partitioned(t) else t for t in tensors]
     return whole(torch.nn.utils.get_total_norm(tensors))
 
 
@@ -205,11 +264,44 @@ def shard_for_fsdp2(module: nn.Module, policy: nn.Module, mesh) -> int:
     return len(layers) + len(owners)
 
 
+def zero3_coordinator(module: nn.Module):
+    """DeepSpeed's ZeRO-3 parameter coordinator (its forward hooks gather a layer's weights) of the
+    run training ``module``, or None under any other strategy."""
+    trainer = getattr(module, "_trainer", None)
+    strategy = getattr(trainer, "strategy", None)
+    if not getattr(strategy, "zero_stage_3", False):
+        return None
+    return getattr(getattr(strategy.model, "optimizer", None), "parameter_offload", None)
+
+
+@contextmanager
+def _zero3_whole(coordinator) -> Iterator[None]:
+    """Every ZeRO-3 partitioned parameter gathered once, with DeepSpeed's per-layer hooks off (they
+    would free each layer after its forward and gather it again at the next token, a collective per
+    layer per token that ranks sampling different lengths would not all reach); hooks back after."""
+    import deepspeed
+
+    params = list(coordinator.module.parameters())
+    for hook in coordinator.forward_hooks + coordinator.backward_hooks:
+        hook.remove()
+    coordinator.forward_hooks, coordinator.backward_hooks = [], []
+    for param in params:
+        param.ds_active_sub_modules.clear()
+    try:
+        with deepspeed.zero.GatheredParameters(params):
+            yield
+    finally:
+        coordinator._register_deepspeed_module(coordinator.module)  # the hooks, as DeepSpeed set them up
+
+
 @contextmanager
 def gathered(module: nn.Module) -> Iterator[None]:
-    """Every FSDP2-sharded module of ``module`` whole for the context (gathered once, freed after);
-    nothing to do when nothing is sharded."""
+    """Every sharded weight of ``module`` whole for the context (FSDP2 modules and ZeRO-3 parameters
+    gathered once, freed after); nothing to do when nothing is sharded."""
     with ExitStack() as stack:
+        coordinator = zero3_coordinator(module)
+        if coordinator is not None:
+            stack.enter_context(_zero3_whole(coordinator))
         for part in fsdp_modules(module):
             stack.callback(_reshard, part)  # first: a failure while gathering still frees what was gathered
             part.set_reshard_after_forward(False, recurse=False)

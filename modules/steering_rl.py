@@ -276,7 +276,7 @@ class SteeringVectorRL(OnPolicyModule):
             self.steering.record_site_norm = False
 
     def extra_metrics(self) -> dict[str, float]:
-        alpha, v = (whole(t.detach()) for t in (self.steering_vector.alpha, self.steering_vector.v))
+        alpha, v = (whole(t).detach() for t in (self.steering_vector.alpha, self.steering_vector.v))
         delta_norm = float((alpha * v).norm())
         metrics = {"steer/alpha": float(alpha), "steer/v_norm": float(v.norm()), "steer/delta_norm": delta_norm}
         if self.steering.site_norm:

@@ -138,7 +138,7 @@ def _export_tensors(path: Path) -> list[float]:
     return sorted(float(t.float().pow(2).sum()) for t in tensors)
 
 
-def test_strategy_names_and_the_zero3_refusal():
+def test_strategy_names_and_the_zero3_4bit_refusal():
     from lightning.pytorch.strategies import StrategyRegistry
 
     from modules.errors import UserError
@@ -153,6 +153,15 @@ def test_strategy_names_and_the_zero3_refusal():
     class ZeRO3:  # DeepSpeed itself is not installed on the CPU test machines
         zero_stage_3 = True
 
-    with pytest.raises(UserError, match="deepspeed_stage_3 is not supported.*--trainer.strategy fsdp"):
-        check_strategy(ZeRO3())
-    check_strategy(object())  # anything else passes
+    class Params4bit(torch.nn.Parameter):  # what bitsandbytes' 4-bit weights are called
+        pass
+
+    four_bit, bf16 = torch.nn.Module(), torch.nn.Linear(2, 2)
+    four_bit.register_parameter("weight", Params4bit(torch.zeros(2), requires_grad=False))
+    with pytest.raises(UserError, match="deepspeed_stage_3 cannot shard a 4-bit"):
+        check_strategy(ZeRO3(), four_bit)
+    with pytest.raises(UserError, match="fsdp cannot shard a 4-bit"):
+        check_strategy(FSDP2Strategy(), four_bit)
+    check_strategy(ZeRO3(), bf16)  # ZeRO-3 and FSDP with a dense base train
+    check_strategy(FSDP2Strategy(), bf16)
+    check_strategy(object(), four_bit)  # a 4-bit base under any other strategy too
