@@ -11,6 +11,7 @@ conversion never leaves a half-written folder that looks valid.
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import importlib.util
 import os
@@ -52,9 +53,25 @@ def cached_folder(name: str) -> Path:
     version = importlib.metadata.version(dist)
     target = cache_root() / f"{Path(filename).stem}-{version}"
     if (target / "config.json").is_file():
+        _drop_gguf_quantization(target / "config.json")
         return target
     _convert(source, target)
     return target
+
+
+def _drop_gguf_quantization(config_file: Path) -> None:
+    """Folders converted before this fix carry the GGUF file's ``quantization_config`` in their
+    config.json, so transformers attached a GGUF quantizer to the dense weights (and, asked for
+    bfloat16, warned that the weights stay packed). The weights are dense: drop it, atomically."""
+    import json
+
+    config = json.loads(config_file.read_text())
+    if "quantization_config" not in config:
+        return
+    del config["quantization_config"]
+    tmp = config_file.with_name(f".{config_file.name}.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_file)
 
 
 def write_cached_folder(target: Path, fill: Callable[[Path], None], marker: str, replace: bool = False) -> Path:
@@ -85,7 +102,10 @@ def _convert(source: Path, target: Path) -> None:
     print(f"[embedded] converting {source.name} once (about 30 s); cached in {target}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights saved below are dense fp32, not GGUF blocks
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
     def fill(folder: Path) -> None:
