@@ -35,9 +35,9 @@ gathers a layer's weights in forward hooks. For generation, the judge and the ex
 :func:`gathered` takes DeepSpeed's hooks off, gathers every parameter once, and puts the hooks back
 after (so no rank waits in a collective while another samples); the loss reads the LM head's
 weight through :func:`whole`. A 4-bit (bitsandbytes) base can be sharded by neither ZeRO-3 nor
-FSDP2 and is refused with one line (:func:`check_strategy`). Under every DeepSpeed stage the checkpoints leave frozen weights
-out, DeepSpeed clips the gradients (``gradient_clipping`` = the method's ``max_grad_norm``) and skips
-a step whose gradient norm is NaN/inf (:func:`deepspeed_engine`).
+FSDP2 and is refused with one line (:func:`check_strategy`). Under every DeepSpeed stage the
+checkpoints leave frozen weights out, DeepSpeed clips the gradients (``gradient_clipping`` = the
+method's ``max_grad_norm``) and skips a step whose gradient norm is NaN/inf (:func:`deepspeed_engine`).
 """
 
 from __future__ import annotations
@@ -128,9 +128,10 @@ class DeepSpeedTrainableStrategy(DeepSpeedStrategy):
       under DeepSpeed, and its config takes the Trainer's ``gradient_clip_val``, which manual
       optimization cannot set);
     - lets the gradients of several backward passes in one ``training_step`` add up under ZeRO-3:
-      DeepSpeed starts a new micro-step at each forward of the engine, and a method's whole update
-      (several chunks, each with its backward) runs inside one, so without this each chunk's
-      gradient would overwrite the last;
+      DeepSpeed counts a new micro-step at each forward of its engine (and while the count is 0 its
+      stage 3 copies a gradient into its partition instead of adding it), but a method's whole
+      update (several chunks, each with its backward) runs inside one engine forward; so a
+      micro-step is opened before each backward, as the engine's forward would;
     - hands back the names of the tensors a checkpoint held, for the module's check that it holds
       everything that trains (DeepSpeed loads non-strictly).
     """
