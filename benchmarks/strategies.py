@@ -48,6 +48,7 @@ SMALL = dict(steering=dict(batch_size=4, grad_accum=1, max_new_tokens=16, update
 # the same rollouts in one backward pass: its update-1 gradient norm must equal steering's two-pass one
 SMALL["steering_one_pass"] = dict(SMALL["steering"], update_batch_size=4)
 CONFIGS["steering_one_pass"] = CONFIGS["steering"]
+COMPARED_WITH = {"steering_one_pass": "steering"}  # its final vector is compared with steering's first run
 
 
 def method_files(method: str, model_dir: str, folder: Path) -> dict:
@@ -214,6 +215,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--accelerator", default="gpu", help="cpu for a smoke test of the script")
     parser.add_argument("--logs", default=None, help="A folder for each run's stderr (last 400 lines).")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-resume: time and memory only (no second run from a checkpoint)")
     parser.add_argument("--cells", default=None,
                         help="method:strategy,... to run in this order (instead of methods x strategies); "
                              "method#2 runs a method again in a folder of its own")
@@ -243,9 +246,15 @@ def main() -> None:
         logs = Path(args.logs) if args.logs else None
         ok, error, seconds = fit(config, args.timeout_s, log=logs / f"{method}_{strategy}.log" if logs else None)
         row.update(status="ok" if ok else "fail", seconds=round(seconds, 1), note="" if ok else error)
+        base = method.split("#")[0]  # "ppo#2": ppo run again (run-to-run determinism)
+        twin_of = COMPARED_WITH.get(base)
         if ok:
             straight = folder / "straight" / "runs" / "r"
             row.update(run_stats(straight))
+        if ok and twin_of:  # a one-pass twin: compared with its two-pass run, not resumed
+            row["vs_first_max_abs_diff"] = export_difference(first[twin_of][0], straight) if twin_of in first else None
+            row["first_strategy"] = first[twin_of][1] if twin_of in first else None
+        elif ok and args.resume:
             resume_config = write_config(method, model_dir, folder / "resumed", args.updates, args, files[method])
             checkpoint = straight / "checkpoints" / f"update{args.updates - 1:06d}.ckpt"
             ok, error, _ = fit(resume_config, args.timeout_s, "--ckpt_path", str(checkpoint),
@@ -253,7 +262,6 @@ def main() -> None:
             row["resume_max_abs_diff"] = export_difference(straight, folder / "resumed" / "runs" / "r") if ok else None
             if not ok:
                 row["note"] = f"resume: {error}"
-            base = method.split("#")[0]  # "ppo#2": ppo run again (run-to-run determinism)
             if base in first:
                 row["vs_first_max_abs_diff"] = export_difference(first[base][0], straight)
                 row["first_strategy"] = first[base][1]

@@ -127,17 +127,32 @@ class DeepSpeedTrainableStrategy(DeepSpeedStrategy):
     - clips gradients at the module's ``max_grad_norm`` (Lightning's ``clip_gradients`` does nothing
       under DeepSpeed, and its config takes the Trainer's ``gradient_clip_val``, which manual
       optimization cannot set);
-    - lets the gradients of several backward passes in one ``training_step`` add up under ZeRO-3:
-      DeepSpeed counts a new micro-step at each forward of its engine (and while the count is 0 its
-      stage 3 copies a gradient into its partition instead of adding it), but a method's whole
-      update (several chunks, each with its backward) runs inside one engine forward; so a
-      micro-step is opened before each backward, as the engine's forward would;
+    - lets the gradients of several backward passes in one ``training_step`` add up, under every
+      stage. A method's update is N backward passes (N = chunks of ``update_batch_size``) and then
+      one ``step()``, all inside one forward of DeepSpeed's engine. DeepSpeed's default ("managed")
+      accumulation decides from its own micro-step counter which backward ends a step; with
+      ``gradient_accumulation_steps`` 1 it takes every backward for the last one, and under
+      ZeRO-2 with an offloaded optimizer the fp32 gradient then holds only the last pass plus a
+      CPU buffer left from earlier steps (a resume, which starts with a fresh buffer, came out
+      6.5e-4 off). So the config sets ``managed_gradient_accumulation: false``: ``step()`` is the
+      boundary and every backward adds. And ZeRO-3 counts a micro-step (while it is 0 a gradient
+      is copied into its partition, not added) at each forward of the engine, so one is opened
+      before each backward, as the engine's forward would;
     - hands back the names of the tensors a checkpoint held, for the module's check that it holds
       everything that trains (DeepSpeed loads non-strictly).
     """
 
     def setup(self, trainer) -> None:
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        if not hasattr(DeepSpeedEngine, "managed_gradient_accumulation"):
+            import deepspeed
+
+            raise UserError(f"DeepSpeed {deepspeed.__version__} cannot leave the end of an update to the caller "
+                            "(managed_gradient_accumulation, in 0.19.8), which the methods' several backward "
+                            "passes per update need: pip install 'deepspeed>=0.19.8'")
         if self.config is not None:
+            self.config.setdefault("managed_gradient_accumulation", False)  # step() ends an update: see above
             self.config.setdefault("gradient_clipping", float(getattr(trainer.lightning_module, "max_grad_norm", 0.0)))
             # offloaded, the optimizer state lives in CPU memory; torch's AdamW steps it there. DeepSpeed
             # insists on its own compiled CPU Adam unless told otherwise, which pays off for full
