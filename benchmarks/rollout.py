@@ -260,6 +260,17 @@ def main() -> None:
         except Exception as err:  # noqa: BLE001
             print(f"ours (plain kernels) failed: {type(err).__name__}: {err}", flush=True)
         del plain
+        # one change of ours undone at a time, the same weights and shapes
+        for label, options in [("ours, separate q/k/v and gate/up GEMMs", dict(fuse_projections=False)),
+                               ("ours, torch's default BLAS in the graphs", dict(blas_library=None))]:
+            variant = RolloutEngine(model, **options)
+            try:
+                timed(lambda: variant.generate(ids, mask, n, [EOS], 0), 1)
+                add(label, 32, n, *step_ms(lambda k: variant.generate(ids, mask, k, [EOS], 0), n, args.repeats))
+            except Exception as err:  # noqa: BLE001
+                print(f"{label} failed: {type(err).__name__}: {err}", flush=True)
+            variant.release()
+            del variant
 
     batch = args.static_compile_batch
     if device == "cuda" and batch and left() > 150:

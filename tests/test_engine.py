@@ -262,3 +262,62 @@ def test_rollout_through_the_engine_samples_what_the_training_pass_scores(tiny_m
     assert torch.equal(engine_out.tokens[:, : out.response_ids.shape[1]][out.response_mask.bool()],
                        out.response_ids[out.response_mask.bool()])
     torch.testing.assert_close(engine_out.logits[mask], logits[mask], **TOL)
+
+
+def test_fused_projections_are_views_of_one_buffer_and_follow_the_weights(tiny_model_dir, tmp_path):
+    model, tokenizer = load_causal_lm(tiny_model_dir, "float32")
+    batch = encode_prompts(tokenizer, PROMPTS)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = RolloutEngine(model)
+    fused = engine.generate(**generate_args(model, tokenizer, batch, 10, greedy=True, keep_logits=True))
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    qkv, gate_up = engine._projections[0]
+    # one buffer, each weight a view of its rows; the values and every other weight untouched
+    assert qkv.members == (attn.q_proj, attn.k_proj, attn.v_proj) and gate_up.members == (mlp.gate_proj, mlp.up_proj)
+    assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + attn.q_proj.weight.numel() * 4
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.gate_proj.weight.untyped_storage().data_ptr()
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    unfused_model, _ = load_causal_lm(tiny_model_dir, "float32")
+    unfused = RolloutEngine(unfused_model, fuse_projections=False).generate(
+        **generate_args(unfused_model, tokenizer, batch, 10, greedy=True, keep_logits=True))
+    assert unfused_model.model.layers[0].self_attn.k_proj.weight.untyped_storage().data_ptr() != \
+        unfused_model.model.layers[0].self_attn.q_proj.weight.untyped_storage().data_ptr()
+    assert torch.equal(fused.tokens, unfused.tokens)
+    torch.testing.assert_close(fused.logits, unfused.logits, **TOL)
+
+    # load_state_dict writes through the views: the engine reads the new weights in place
+    torch.manual_seed(3)
+    new = {k: v + 0.05 * torch.randn_like(v) for k, v in before.items()}
+    model.load_state_dict(new)
+    assert qkv.intact() and gate_up.intact()
+    out = engine.generate(**generate_args(model, tokenizer, batch, 10, greedy=True, keep_logits=True))
+    expected, mask = plain_logits(model, batch.input_ids, batch.attention_mask, out.tokens,
+                                  stop_token_ids(model, tokenizer))
+    torch.testing.assert_close(out.logits[mask], expected[mask], **TOL)
+    assert not torch.allclose(out.logits[:, 0], fused.logits[:, 0])
+
+    # a new weight tensor (.to(), a reload) breaks the views: the engine notices and fuses again
+    model.to(torch.float64)
+    assert not qkv.intact()
+    out = engine.generate(**generate_args(model, tokenizer, batch, 10, greedy=True, keep_logits=True))
+    assert engine._projections[0][0] is not qkv and engine._projections[0][0].intact()
+    expected, mask = plain_logits(model, batch.input_ids, batch.attention_mask, out.tokens,
+                                  stop_token_ids(model, tokenizer))
+    torch.testing.assert_close(out.logits[mask], expected[mask], **TOL)
+
+    # the fused model saves and loads as any other
+    model.save_pretrained(tmp_path / "saved")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    reloaded, _ = load_causal_lm(str(tmp_path / "saved"), "float32")
+    assert all(torch.equal(v.float(), reloaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_trainable_and_lora_projections_are_not_fused(tiny_llama_dir):
+    model, tokenizer = load_causal_lm(tiny_llama_dir, "float32")
+    policy = LoRAPolicy(model, r=4, target_modules=["gate_proj"])
+    policy.model.get_base_model().model.layers[0].self_attn.k_proj.weight.requires_grad_(True)
+    engine = RolloutEngine(policy.model)
+    engine.generate(**generate_args(policy.model, tokenizer, encode_prompts(tokenizer, PROMPTS), 4, greedy=True))
+    assert engine._projections[0] == (None, None)  # k trainable; gate a LoRA layer
+    assert engine._projections[1][0] is not None and engine._projections[1][1] is None

@@ -7,6 +7,14 @@ steering vector and the LoRA weights where they live, so an optimizer step needs
 A graph attends over the first ``L`` cache columns, ``L`` a multiple of :data:`KV_BUCKET`; one graph
 per ``L`` is captured (once, before the first token is drawn, so a seed reproduces a rollout).
 
+What makes a decode step cheap (each measured on an H200, ``benchmarks/RESULTS.md``): the q/k/v and
+gate/up weights of a frozen base are views into one buffer per layer, one GEMM each
+(:mod:`modules.engine.fusion`); the GEMMs are captured with cuBLASLt, which reads the narrow o_proj
+and down_proj weights faster than cuBLAS's default choice; the new key and value go into one cache
+tensor with one copy; attention is two batched GEMMs around a fused softmax (the query heads that
+share a key head are rows of one product; scores leave the GEMM in fp32), cheaper at a few hundred
+keys than SDPA's kernels; the element-wise pieces are fused by ``torch.compile``.
+
 Exact semantics kept from HF ``generate``: left-padded prompts (padding masked, position ids from
 the attention mask), the same logits for the same tokens, temperature then top-p, a finished row
 gets ``pad`` tokens, the loop ends when every row has stopped (checked every :data:`STOP_CHECK_EVERY`
@@ -32,7 +40,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from modules.engine.kernels import EAGER_OPS, Ops, fused_ops, sample_tokens
+from modules.engine.fusion import FusedLinear, fuse
+from modules.engine.kernels import EAGER_OPS, Ops, attention_scores, fused_ops, sample_tokens
 from modules.engine.support import (DecoderParts, Interventions, Unsupported, adapter_state, any_dropout_active,
                                     decoder_parts, find_interventions, sampling_conflicts,
                                     storage_fingerprint)
@@ -67,8 +76,8 @@ class _State:
     batch: int
     capacity: int
     max_new: int
-    k: torch.Tensor
-    v: torch.Tensor
+    kv: torch.Tensor
+    """[layers, 2, B, Hkv, capacity, D]: keys and values, written by one copy per layer and step."""
     tokens: torch.Tensor
     pos_ids: torch.Tensor
     cache_pos: torch.Tensor
@@ -98,6 +107,8 @@ class _Plan:
     injection: list  # ActivationInjection objects holding vectors
     greedy: bool
     use_top_p: bool
+    projections: list = field(default_factory=list)
+    """Per layer: (q/k/v fused or None, gate/up fused or None)."""
 
 
 def _bucket(length: int) -> int:
@@ -111,11 +122,19 @@ class RolloutEngine:
         model: The causal LM as ``rollout`` receives it (plain or peft-wrapped).
         use_graphs: Capture the decode step on CUDA (False: run it eagerly, e.g. to debug).
         compile_kernels: Fuse the element-wise pieces with ``torch.compile`` on CUDA.
+        fuse_projections: Lay each layer's q/k/v and gate/up weights out as views into one buffer
+            (frozen plain linears only; see :mod:`modules.engine.fusion`) and run one GEMM for each.
+        blas_library: The BLAS library torch prefers while the decode step is captured (its GEMMs
+            are the ones the graph replays), restored after; None leaves torch's choice. cuBLASLt
+            reads the narrow o_proj and down_proj weights of a decode step faster on H100/H200.
     """
 
-    def __init__(self, model: torch.nn.Module, use_graphs: bool = True, compile_kernels: bool = True):
+    def __init__(self, model: torch.nn.Module, use_graphs: bool = True, compile_kernels: bool = True,
+                 fuse_projections: bool = True, blas_library: str | None = "cublaslt"):
         self._model = weakref.ref(model)  # the engine lives beside the model, never keeps it alive
-        self.use_graphs, self.compile_kernels = use_graphs, compile_kernels
+        self.use_graphs, self.compile_kernels, self.fuse_projections = use_graphs, compile_kernels, fuse_projections
+        self.blas_library = blas_library
+        self._projections: list[tuple[FusedLinear | None, FusedLinear | None]] = []
         self._states: OrderedDict[tuple, _State] = OrderedDict()
         self._fused: Ops | None = None
         self.captures = 0
@@ -153,6 +172,7 @@ class RolloutEngine:
         if parts.embed.weight.device != device:
             raise Unsupported(f"the prompts are on {device}, the model on {parts.embed.weight.device}")
         plan = self._plan(found, batch, prompt_len, device, greedy, top_p)
+        plan.projections = self._fused_projections(parts)  # before the fingerprint: fusing moves weights
         dtype = parts.embed.weight.dtype
         graphs = self.use_graphs and device.type == "cuda"
         ops = self._ops() if graphs else EAGER_OPS
@@ -222,6 +242,22 @@ class RolloutEngine:
             raise RuntimeError("steering positions other than 'all' need Steering.prompt_length(P) around the call")
         return int(steering._prompt_len) - int(steering.prompt_offset)
 
+    def _fused_projections(self, parts: DecoderParts) -> list[tuple[FusedLinear | None, FusedLinear | None]]:
+        """Each layer's fused q/k/v and gate/up, fused now where they were not or no longer are."""
+        if not self.fuse_projections:
+            return [(None, None)] * len(parts.layers)
+        known = self._projections if len(self._projections) == len(parts.layers) else [(None, None)] * len(parts.layers)
+        fusions = []
+        for layer, (qkv, gate_up) in zip(parts.layers, known):
+            attn, mlp = layer.self_attn, layer.mlp
+            if qkv is None or not qkv.intact() or qkv.members[0] is not attn.q_proj:
+                qkv = fuse(attn.q_proj, attn.k_proj, attn.v_proj)
+            if gate_up is None or not gate_up.intact() or gate_up.members[0] is not mlp.gate_proj:
+                gate_up = fuse(mlp.gate_proj, mlp.up_proj)
+            fusions.append((qkv, gate_up))
+        self._projections = fusions
+        return fusions
+
     def _plan(self, found: Interventions, batch: int, prompt_len: int, device, greedy: bool, top_p: float) -> _Plan:
         steering = [s for s in found.steering if s.enabled]
         for s in steering:
@@ -247,13 +283,13 @@ class RolloutEngine:
         while len(self._states) >= MAX_STATES:
             self._states.popitem(last=False)
         capacity = _bucket(length)
-        cache_shape = (len(parts.layers), batch, parts.num_kv_heads, capacity, parts.head_dim)
+        cache_shape = (len(parts.layers), 2, batch, parts.num_kv_heads, capacity, parts.head_dim)
 
         def zeros(*shape, dtype=torch.long):
             return torch.zeros(*shape, dtype=dtype, device=device)
 
         vocab = parts.lm_head.weight.shape[0]
-        state = _State(batch, capacity, max_new, zeros(*cache_shape, dtype=dtype), zeros(*cache_shape, dtype=dtype),
+        state = _State(batch, capacity, max_new, zeros(*cache_shape, dtype=dtype),
                        zeros(batch), zeros(batch), zeros(1), zeros(1), zeros(batch, capacity, dtype=torch.bool),
                        torch.arange(capacity, device=device), zeros(batch, dtype=torch.bool), zeros(batch, max_new),
                        zeros(1, dtype=torch.float32), zeros(1, dtype=torch.float32), zeros((), dtype=torch.long),
@@ -267,7 +303,10 @@ class RolloutEngine:
         if not missing:
             return ops
         rng = torch.cuda.get_rng_state(state.tokens.device)
+        previous_blas = torch.backends.cuda.preferred_blas_library()
         try:
+            if self.blas_library:
+                torch.backends.cuda.preferred_blas_library(self.blas_library)
             if state.pool is None:
                 state.pool = torch.cuda.graph_pool_handle()
             for length in missing:
@@ -282,6 +321,7 @@ class RolloutEngine:
             state.key = None
             raise Unsupported(f"CUDA graph capture failed ({type(err).__name__}: {str(err).splitlines()[0]})") from err
         finally:
+            torch.backends.cuda.preferred_blas_library(previous_blas)
             torch.cuda.set_rng_state(rng, state.tokens.device)
         return ops
 
@@ -329,10 +369,9 @@ class RolloutEngine:
             for gate, delta in sites.get((i, "post_attn_norm"), ()):
                 normed = ops.steer_add(normed, delta, gate)
             mlp = layer.mlp
-            if parts.silu:
-                mid = ops.silu_mul(mlp.gate_proj(normed), mlp.up_proj(normed))
-            else:
-                mid = mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed)
+            gate_up = plan.projections[i][1] if plan.projections else None
+            gate, up = gate_up(normed) if gate_up is not None else (mlp.gate_proj(normed), mlp.up_proj(normed))
+            mid = ops.silu_mul(gate, up) if parts.silu else mlp.act_fn(gate) * up
             down = mlp.down_proj(mid)
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else parts.norm
             if inject is not None and any(inj.layer == i for inj in plan.injection):
@@ -342,10 +381,18 @@ class RolloutEngine:
                 residual, normed = ops.add_rms_norm(residual, down, nxt.weight, nxt.variance_epsilon)
         return normed
 
-    def _qk(self, parts: DecoderParts, ops: Ops, attn, x: torch.Tensor, cos, sin):
+    @staticmethod
+    def _qkv(plan: _Plan, i: int, attn, x: torch.Tensor):
+        """Layer ``i``'s query, key and value projections of ``x`` (one GEMM where fused)."""
+        fused = plan.projections[i][0] if plan.projections else None
+        return fused(x) if fused is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+
+    @staticmethod
+    def _rope(parts: DecoderParts, rope, attn, q: torch.Tensor, k: torch.Tensor, cos, sin, *v: torch.Tensor):
+        """``rope`` (:func:`qk_rope`, or :func:`rope_kv` with ``v``) with the layer's q/k norms."""
         q_norm = getattr(attn, "q_norm", None) if parts.qk_norm else None
         k_norm = getattr(attn, "k_norm", None) if parts.qk_norm else None
-        return ops.qk_rope(attn.q_proj(x), attn.k_proj(x), cos, sin,
+        return rope(q, k, *v, cos, sin,
                            q_norm.weight if q_norm is not None else None, k_norm.weight if k_norm is not None else None,
                            q_norm.variance_epsilon if q_norm is not None else 0.0,
                            parts.num_heads, parts.num_kv_heads, parts.head_dim)
@@ -374,14 +421,16 @@ class RolloutEngine:
             ~valid[:, None, None, :], float("-inf"))
 
         def attention(i, attn, x):
-            q, k = self._qk(parts, ops, attn, x, cos, sin)
-            v = attn.v_proj(x).view(batch, 1, parts.num_kv_heads, d).transpose(1, 2)
-            state.k[i].index_copy_(2, state.cache_pos, k)
-            state.v[i].index_copy_(2, state.cache_pos, v)
-            out = F.scaled_dot_product_attention(q.reshape(batch, parts.num_kv_heads, groups, d),
-                                                 state.k[i, :, :, :length], state.v[i, :, :, :length],
-                                                 attn_mask=mask, scale=attn.scaling)
-            return attn.o_proj(out.reshape(batch, 1, parts.num_heads * d))
+            q, k, v = self._qkv(plan, i, attn, x)
+            q, kv = self._rope(parts, ops.rope_kv, attn, q, k, cos, sin, v)
+            state.kv[i].index_copy_(3, state.cache_pos, kv)
+            keys, values = state.kv[i, 0, :, :, :length], state.kv[i, 1, :, :, :length]
+            # one new token: the G query heads that share a key head are G query rows of one product
+            heads = batch * parts.num_kv_heads
+            scores = attention_scores(q.reshape(heads, groups, d), keys.reshape(heads, length, d))
+            probs = ops.attention_probs(scores.view(batch, parts.num_kv_heads, groups, length), mask, attn.scaling,
+                                        values.dtype)
+            return attn.o_proj(torch.matmul(probs, values).reshape(batch, 1, parts.num_heads * d))
 
         gates = [(state.cache_pos >= first).to(hidden.dtype) for first in state.steer_first]
         normed = self._layers(parts, ops, hidden, attention, gates, plan, None)
@@ -402,10 +451,11 @@ class RolloutEngine:
             ~allowed, float("-inf"))[:, None]
 
         def attention(i, attn, x):
-            q, k = self._qk(parts, EAGER_OPS, attn, x, cos, sin)
-            v = attn.v_proj(x).view(batch, length, parts.num_kv_heads, d).transpose(1, 2)
-            state.k[i, :, :, :length] = k
-            state.v[i, :, :, :length] = v
+            q, k, v = self._qkv(plan, i, attn, x)
+            q, k = self._rope(parts, EAGER_OPS.qk_rope, attn, q, k, cos, sin)
+            v = v.view(batch, length, parts.num_kv_heads, d).transpose(1, 2)
+            state.kv[i, 0, :, :, :length] = k
+            state.kv[i, 1, :, :, :length] = v
             if groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=attn.scaling)

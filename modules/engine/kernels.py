@@ -49,6 +49,39 @@ def qk_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+def rope_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None, eps: float, num_heads: int,
+            num_kv_heads: int, head_dim: int):
+    """:func:`qk_rope`, and the new keys and values stacked [2, B, Hkv, T, D] (one cache write)."""
+    q, k = qk_rope(q, k, cos, sin, q_norm_w, k_norm_w, eps, num_heads, num_kv_heads, head_dim)
+    v = v.view(v.shape[0], v.shape[1], num_kv_heads, head_dim).transpose(1, 2)
+    return q, torch.stack((k, v))
+
+
+def attention_probs(scores: torch.Tensor, mask: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Attention weights from raw ``q @ k^T`` scores: scaled, the additive mask added, softmax in
+    fp32 (as HF's attention does), cast to ``dtype`` for the product with the values."""
+    return (scores.float() * scale + mask).softmax(-1).to(dtype)
+
+
+@lru_cache(maxsize=1)
+def _bmm_out_dtype_works() -> bool:
+    try:
+        a = torch.zeros(1, 1, 8, dtype=torch.bfloat16, device="cuda")
+        return torch.bmm(a, a.transpose(1, 2), out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q @ k^T`` for [N, G, D] queries and [N, L, D] keys, in fp32 ([N, G, L]): on CUDA straight from
+    the GEMM's fp32 accumulator (no rounding to bf16 before the softmax, as a fused attention kernel
+    keeps them), elsewhere the product cast."""
+    if q.is_cuda and q.dtype != torch.float32 and _bmm_out_dtype_works():
+        return torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)
+    return torch.bmm(q, k.transpose(1, 2)).float()
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
@@ -87,12 +120,14 @@ class Ops:
     rms_norm: Callable
     add_rms_norm: Callable
     qk_rope: Callable
+    rope_kv: Callable
+    attention_probs: Callable
     silu_mul: Callable
     steer_add: Callable
     compiled: bool = False
 
 
-EAGER_OPS = Ops(rms_norm, add_rms_norm, qk_rope, silu_mul, steer_add)
+EAGER_OPS = Ops(rms_norm, add_rms_norm, qk_rope, rope_kv, attention_probs, silu_mul, steer_add)
 
 
 @lru_cache(maxsize=1)
@@ -101,5 +136,5 @@ def fused_ops() -> Ops:
     def compile_(fn):
         return torch.compile(fn, fullgraph=True)
 
-    return Ops(compile_(rms_norm), compile_(add_rms_norm), compile_(qk_rope), compile_(silu_mul), compile_(steer_add),
-               compiled=True)
+    return Ops(compile_(rms_norm), compile_(add_rms_norm), compile_(qk_rope), compile_(rope_kv),
+               compile_(attention_probs), compile_(silu_mul), compile_(steer_add), compiled=True)
