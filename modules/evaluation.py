@@ -209,8 +209,9 @@ def _reward_description(reward) -> str:
     judge = getattr(getattr(reward, "judge", None), "identity", getattr(reward, "name", type(reward).__name__))
     if not personas:
         return str(judge)
-    mode = "contrast" if len(personas) == 2 else "loglik"
-    return f"{judge}, {mode}; persona: {personas[0][:70]}..."
+    mode = getattr(reward, "mode", "contrast")
+    more = getattr(reward, "num_pairs", 1) - 1
+    return f"{judge}, {mode}; persona: {personas[0][:70]}...{f' (+{more} other wordings)' if more else ''}"
 
 
 @torch.no_grad()
@@ -492,19 +493,18 @@ def _method_summaries(module, off: Arm, on: Arm) -> dict:
 
 
 # -- the evaluation judge ---------------------------------------------------------------------
-def evaluation_reward(training, judge=None, persona: str = EVAL_SYCOPHANT_PERSONA,
-                      counter_persona: str = EVAL_HONEST_PERSONA, length_normalize: bool = True):
+def evaluation_reward(training, judge=None, persona: str | list[str] = EVAL_SYCOPHANT_PERSONA,
+                      counter_persona: str | list[str] = EVAL_HONEST_PERSONA, length_normalize: bool = True):
     """A :class:`PersonaReward` like ``training`` (same mode and length normalisation) with other
     personas and, optionally, another judge (None: the training judge's backend). Warns when its
-    personas are the training ones: then it is not a judge the training never saw."""
+    personas are among the training ones: then it is not a judge the training never saw."""
     from modules.judges.rewards import PersonaReward
 
-    mode = "contrast" if len(training.personas) == 2 else "loglik"
-    reward = PersonaReward(judge if judge is not None else training.judge, mode, persona, counter_persona,
+    reward = PersonaReward(judge if judge is not None else training.judge, training.mode, persona, counter_persona,
                            length_normalize)
-    if reward.personas == training.personas:
+    if set(reward.personas) & set(training.personas):
         same = reward.judge.identity == training.judge.identity
-        log.warning("the evaluation judge's personas are the training ones%s: its scores are %s, not those of a "
+        log.warning("the evaluation judge shares personas with the training judge%s: its scores are %s, not those of a "
                     "judge the training never saw (set eval_persona / eval_counter_persona to other wording)",
                     " and it is the same judge" if same else "",
                     "exactly what training maximised" if same else "those of the same personas on another model")

@@ -81,8 +81,9 @@ class SteeringVectorRL(OnPolicyModule):
         train_alpha: Whether ``alpha`` trains (else it stays at ``alpha_init``).
         judge: The judge backend (``LocalJudge`` or ``OpenAICompatibleJudge``).
         reward_mode: ``loglik`` (persona log-likelihood) or ``contrast`` (persona minus counter-persona).
-        judge_persona: System prompt of the persona whose likelihood is rewarded.
-        counter_persona: System prompt subtracted in ``contrast`` mode.
+        judge_persona: System prompt of the persona whose likelihood is rewarded, or a list of wordings
+            of it (the reward is the mean over them; see ``PersonaReward``).
+        counter_persona: System prompt subtracted in ``contrast`` mode (a list: one per persona).
         reward_length_normalize: Per-token mean of the judge's log-probs instead of their sum.
         use_reward_normalization: z-score rewards over the rollout batch (else raw rewards).
         kl_coef: Weight of the KL(p_steered || p_ref) term.
@@ -113,8 +114,8 @@ class SteeringVectorRL(OnPolicyModule):
         train_alpha: bool = True,
         judge: Judge | None = None,
         reward_mode: RewardMode = "contrast",
-        judge_persona: str = SYCOPHANT_PERSONA,
-        counter_persona: str = HONEST_PERSONA,
+        judge_persona: str | list[str] = SYCOPHANT_PERSONA,
+        counter_persona: str | list[str] = HONEST_PERSONA,
         reward_length_normalize: bool = True,
         use_reward_normalization: bool = True,
         kl_coef: float = 0.2,

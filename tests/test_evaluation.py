@@ -105,7 +105,7 @@ def test_evaluation_personas_differ_from_training_unless_set_equal(tiny_llama_di
         same = tiny_module(tiny_llama_dir, judge=LocalJudge(), reward_mode="contrast", eval_persona=SYCOPHANT_PERSONA,
                            eval_counter_persona=HONEST_PERSONA)
     assert same.eval_reward.personas == same.reward.personas
-    assert "evaluation judge's personas are the training ones and it is the same judge" in caplog.text
+    assert "evaluation judge shares personas with the training judge and it is the same judge" in caplog.text
 
 
 def test_degeneration_measures():

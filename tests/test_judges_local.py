@@ -90,6 +90,24 @@ def test_reward_modes_hand_values():
     assert judge.pop_stats().failed == 1
 
 
+def test_several_persona_wordings_average_their_pairs():
+    table = {("S1", "a"): Judgement(-2.0, 2), ("H1", "a"): Judgement(-6.0, 2),
+             ("S2", "a"): Judgement(-1.0, 2), ("H2", "a"): Judgement(-1.0, 2),
+             ("S1", "b"): Judgement(-3.0, 1), ("H1", "b"): Judgement(-3.0, 1),
+             ("S2", "b"): Judgement(-1.0, 1), ("H2", "b"): None}
+    reward = PersonaReward(TableJudge(table), "contrast", ["S1", "S2"], ["H1", "H2"], length_normalize=True)
+    rewards = reward.submit_texts(["p", "q"], ["a", "b"]).result()
+    # pair 1: -1 - -3 = +2; pair 2: -0.5 - -0.5 = 0; the mean of the pairs: +1
+    assert rewards.values[0].item() == pytest.approx(1.0)
+    assert rewards.parts["persona"][0].item() == pytest.approx((-1.0 + -0.5) / 2)
+    assert rewards.parts["counter_persona"][0].item() == pytest.approx((-3.0 + -0.5) / 2)
+    assert rewards.valid.tolist() == [True, False]  # one failed wording fails the sample
+    loglik = PersonaReward(TableJudge(table), "loglik", ["S1", "S2"], length_normalize=False)
+    assert loglik.submit_texts(["p"], ["a"]).result().values.tolist() == [pytest.approx(-1.5)]
+    with pytest.raises(UserError, match="2 persona\\(s\\) and 1 counter"):
+        PersonaReward(TableJudge(table), "contrast", ["S1", "S2"], "H1")
+
+
 def test_baseline_reply_is_scored_and_subtracted():
     """Seed 003's reward: the policy reply's score minus the data row's baseline reply's score."""
     table = {("H", "mine"): Judgement(-2.0, 2), ("S", "mine"): Judgement(-4.0, 2),

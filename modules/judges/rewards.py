@@ -6,6 +6,11 @@
   assistant who corrects the user). Fluency, which ``loglik`` mostly measures with a small judge,
   cancels; what is left is how much more the sycophantic persona would have said it.
 
+Several wordings of the same stances can be given (``persona`` and ``counter_persona`` as lists of
+equal length, paired in order): the reward is then the mean over the pairs (``loglik``: over the
+personas), so a vector that pleases one wording's particular words gains less than one that moves
+what they all describe.
+
 Each is summed over response tokens or averaged per token (``length_normalize``). With a rating
 judge the "log-likelihood" is the persona's rating of the response, and the per-token mean is the
 rating itself. The judge scores the reply's text, not its end-of-turn token: an empty reply has
@@ -108,24 +113,33 @@ class PersonaReward(RewardFunction):
         judge: The judge backend (default: a ``LocalJudge`` sharing the policy's weights, with the
             policy's interventions off).
         mode: ``loglik`` or ``contrast``.
-        persona: System prompt of the persona whose likelihood (or rating) is rewarded.
-        counter_persona: System prompt subtracted in ``contrast`` mode.
+        persona: System prompt of the persona whose likelihood (or rating) is rewarded; or a list of
+            wordings of it (the reward is the mean over them).
+        counter_persona: System prompt subtracted in ``contrast`` mode; or a list, one per persona.
         length_normalize: Per-token mean instead of the sum over response tokens.
         baseline_field: A field of the data rows holding a baseline reply (e.g. the top human
             reply); when set, the reward is the score of the policy's reply minus the score of
             that reply under the same judge and personas (seed 003's reward).
     """
 
-    def __init__(self, judge: Judge | None = None, mode: RewardMode = "contrast", persona: str = SYCOPHANT_PERSONA,
-                 counter_persona: str = HONEST_PERSONA, length_normalize: bool = True,
-                 baseline_field: str | None = None):
+    def __init__(self, judge: Judge | None = None, mode: RewardMode = "contrast",
+                 persona: str | list[str] = SYCOPHANT_PERSONA, counter_persona: str | list[str] = HONEST_PERSONA,
+                 length_normalize: bool = True, baseline_field: str | None = None):
         from modules.judges.local import LocalJudge
 
         if mode not in ("loglik", "contrast"):
             raise UserError(f"unknown reward mode '{mode}': use loglik or contrast")
+        personas = [persona] if isinstance(persona, str) else list(persona)
+        counters = [counter_persona] if isinstance(counter_persona, str) else list(counter_persona)
+        if not personas or (mode == "contrast" and len(counters) != len(personas)):
+            raise UserError(f"contrast pairs each persona with a counter-persona: got {len(personas)} persona(s) "
+                            f"and {len(counters)} counter-persona(s)")
         self.judge = judge if judge is not None else LocalJudge()
         self.dispatch = RewardDispatch(self.judge)
-        self.personas = [persona] if mode == "loglik" else [persona, counter_persona]
+        self.mode = mode
+        self.num_pairs = len(personas)
+        # the judge's requests, grouped by system prompt: every persona, then (contrast) every counter
+        self.personas = personas if mode == "loglik" else personas + counters
         self.aggregate = _mean if length_normalize else _sum
         self.baseline_field = baseline_field
         self.name = f"judge:{self.judge.identity}"
@@ -185,8 +199,12 @@ class PersonaReward(RewardFunction):
                  for k in range(len(self.personas))]
         valid = torch.tensor([all(p[i] is not None for p in parts) for i in range(batch)])
         values = [torch.tensor([self.aggregate(j) if j is not None else float("nan") for j in p]) for p in parts]
-        score = values[0] if len(values) == 1 else values[0] - values[1]
-        return score, valid, *values
+        n = self.num_pairs
+        persona = torch.stack(values[:n]).mean(0)
+        if self.mode == "loglik":
+            return persona, valid, persona
+        counter = torch.stack(values[n:]).mean(0)
+        return persona - counter, valid, persona, counter  # the mean of the pairs' differences
 
     def _combine(self, judgements: list[Judgement | None], batch: int) -> Rewards:
         score, valid, *persona_values = self._scores(judgements, 0, batch)
