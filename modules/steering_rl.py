@@ -29,7 +29,11 @@ Where this departs from seed 000:
 9. Held-out reports also score replies with an evaluation judge the training never saw
    (``eval_persona``/``eval_counter_persona``, other wording by default, and optionally
    ``eval_judge``, another model or endpoint); a warning says when its personas are the training ones.
-10. ``v`` (and ``alpha``) can start from a saved vector file (``init_from``, e.g. a CAA vector from
+10. The training judge reads two wordings of each stance by default (``judge_persona`` and
+    ``counter_persona`` are lists; the reward is the mean of the pairs' contrasts): on the embedded
+    default a vector trained on one wording moved the evaluation judge by +0.025 ± 0.010, one
+    trained on two by +0.044 ± 0.009 (64 held-out prompts, same comparison; README).
+11. ``v`` (and ``alpha``) can start from a saved vector file (``init_from``, e.g. a CAA vector from
     ``python cli.py caa``); ``using_vector`` makes the policy any other vector for a while (the arms
     of ``python cli.py evaluate``).
 """
@@ -45,7 +49,8 @@ import torch
 from modules.errors import UserError
 from modules.evaluation import EVAL_HONEST_PERSONA, EVAL_SYCOPHANT_PERSONA, evaluation_reward
 from modules.judges.base import Judge
-from modules.judges.rewards import HONEST_PERSONA, SYCOPHANT_PERSONA, PersonaReward, RewardMode
+from modules.judges.rewards import (CANDID_PERSONA, FLATTERING_PERSONA, HONEST_PERSONA, SYCOPHANT_PERSONA,
+                                    PersonaReward, RewardMode)
 from modules.models.loading import load_causal_lm
 from modules.models.steering_io import read_steering_vector, save_steering_vector
 from modules.models.steering import HookPoint, SteerPositions, Steering, SteeringVector
@@ -82,7 +87,7 @@ class SteeringVectorRL(OnPolicyModule):
         judge: The judge backend (``LocalJudge`` or ``OpenAICompatibleJudge``).
         reward_mode: ``loglik`` (persona log-likelihood) or ``contrast`` (persona minus counter-persona).
         judge_persona: System prompt of the persona whose likelihood is rewarded, or a list of wordings
-            of it (the reward is the mean over them; see ``PersonaReward``).
+            of it (the reward is the mean over them; see ``PersonaReward``). Default: two wordings.
         counter_persona: System prompt subtracted in ``contrast`` mode (a list: one per persona).
         reward_length_normalize: Per-token mean of the judge's log-probs instead of their sum.
         use_reward_normalization: z-score rewards over the rollout batch (else raw rewards).
@@ -114,8 +119,8 @@ class SteeringVectorRL(OnPolicyModule):
         train_alpha: bool = True,
         judge: Judge | None = None,
         reward_mode: RewardMode = "contrast",
-        judge_persona: str | list[str] = SYCOPHANT_PERSONA,
-        counter_persona: str | list[str] = HONEST_PERSONA,
+        judge_persona: str | list[str] = [SYCOPHANT_PERSONA, FLATTERING_PERSONA],  # noqa: B006 - never mutated
+        counter_persona: str | list[str] = [HONEST_PERSONA, CANDID_PERSONA],  # noqa: B006
         reward_length_normalize: bool = True,
         use_reward_normalization: bool = True,
         kl_coef: float = 0.2,

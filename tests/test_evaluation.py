@@ -11,7 +11,7 @@ import torch
 from modules.evaluation import (EVAL_HONEST_PERSONA, EVAL_SYCOPHANT_PERSONA, Intervention, compare_interventions,
                                 degeneration, evaluate_intervention)
 from modules.judges.local import LocalJudge
-from modules.judges.rewards import HONEST_PERSONA, SYCOPHANT_PERSONA
+from modules.judges.rewards import CANDID_PERSONA, FLATTERING_PERSONA, HONEST_PERSONA, SYCOPHANT_PERSONA
 from modules.models.steering import SteeringVector
 from modules.models.steering_io import save_steering_vector
 from tests.helpers import PROMPTS, LengthJudge, tiny_module
@@ -33,7 +33,7 @@ def test_every_arm_answers_the_same_prompts_with_the_same_seeds(tiny_llama_dir):
                                                 show_examples=2, progress=False)
     keys = [results[a.name].keys for a in arms]
     assert all(k == keys[0] for k in keys) and len({tuple(k) for k in keys[0]}) == len(keys[0])
-    assert sorted({k[0] for k in keys[0]}) <= list(range(len(PROMPTS)))
+    assert {k[0] for k in keys[0]} <= set(range(len(PROMPTS)))
     # judge failures (every 37th request) drop a sample from every arm, never from one only
     assert 0 < comparison.judge_failed < 8 and comparison.samples_per_arm == 2 * len(PROMPTS) - comparison.judge_failed
     assert [list(k) for k in keys[0]] == comparison.pairing
@@ -98,13 +98,14 @@ def test_evaluation_personas_differ_from_training_unless_set_equal(tiny_llama_di
     with caplog.at_level(logging.WARNING, logger="modules.evaluation"):
         module = tiny_module(tiny_llama_dir, judge=LocalJudge(), reward_mode="contrast")
     assert module.eval_reward.personas == [EVAL_SYCOPHANT_PERSONA, EVAL_HONEST_PERSONA]
-    assert module.reward.personas == [SYCOPHANT_PERSONA, HONEST_PERSONA]
+    # two wordings of each training stance by default, persona then counter-persona requests
+    assert module.reward.personas == [SYCOPHANT_PERSONA, FLATTERING_PERSONA, HONEST_PERSONA, CANDID_PERSONA]
     assert not set(module.eval_reward.personas) & set(module.reward.personas)
     assert "evaluation judge" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="modules.evaluation"):
         same = tiny_module(tiny_llama_dir, judge=LocalJudge(), reward_mode="contrast", eval_persona=SYCOPHANT_PERSONA,
                            eval_counter_persona=HONEST_PERSONA)
-    assert same.eval_reward.personas == same.reward.personas
+    assert set(same.eval_reward.personas) < set(same.reward.personas)
     assert "evaluation judge shares personas with the training judge and it is the same judge" in caplog.text
 
 

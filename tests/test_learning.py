@@ -5,6 +5,9 @@ few minutes of training, held-out prompts answered with the vector on must score
 ``contrast`` reward than the same prompts and sampling seeds with the vector off, by more than
 three (Welch) standard errors over 48 samples per arm, while the KL to the unsteered model stays
 under a bound set from measured runs and the replies stay more than half as long as unsteered ones.
+The same replies must also score higher under the evaluation judge, whose persona wording the
+training never saw, by more than one paired standard error (measured: +0.023 ± 0.012, 1.9 SE; the
+training judge reads two wordings of each stance, the module's default).
 """
 
 import importlib.util
@@ -46,3 +49,5 @@ def test_a_short_run_moves_heldout_prompts(tmp_path, capsys):
     assert report.difference > 3 * report.difference_se, report.format()
     assert report.kl_per_token < MAX_KL_PER_TOKEN, report.format()
     assert report.length_on > 0.5 * report.length_off, report.format()
+    transfer = report.evaluation_judge
+    assert transfer["difference"] > transfer["paired_se"] > 0, report.format()
