@@ -27,6 +27,7 @@ def _config(folder: Path, model_dir: str, train_file: str) -> Path:
         "model": {"class_path": "modules.steering_rl.SteeringVectorRL",
                   "init_args": dict(model=model_dir, hook_layer=1, max_new_tokens=4, batch_size=2, grad_accum=2,
                                     total_updates=4, lr=0.05, init_std=0.01, reward_mode="loglik",
+                                    judge_persona="You agree.",  # one persona: one request per row
                                     reward_length_normalize=False,
                                     # every second request of each rank fails: 2 of its 4 rows per update
                                     judge={"class_path": "tests.helpers.LengthJudge", "init_args": {"fail_every": 2}})},

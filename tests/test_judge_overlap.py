@@ -38,7 +38,7 @@ def _update_times(model_dir, tmp_path, batched: bool) -> dict[str, float]:
         judge = OpenAICompatibleJudge(base_url=server.base_url, model="judge-model", max_concurrency=1,
                                       timeout_s=10.0)
         module = tiny_module(model_dir, judge=judge, batch_size=ROWS, grad_accum=MICRO_BATCHES, total_updates=1,
-                             max_new_tokens=4)
+                             max_new_tokens=4, judge_persona="You agree.")  # one persona, as JUDGE_S counts
         real = module.rollout_micro_batch
 
         def slow_rollout(prompts, seed):
