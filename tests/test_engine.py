@@ -321,3 +321,25 @@ def test_trainable_and_lora_projections_are_not_fused(tiny_llama_dir):
     engine.generate(**generate_args(policy.model, tokenizer, encode_prompts(tokenizer, PROMPTS), 4, greedy=True))
     assert engine._projections[0] == (None, None)  # k trainable; gate a LoRA layer
     assert engine._projections[1][0] is not None and engine._projections[1][1] is None
+
+
+def test_fuse_with_biases_gives_the_separate_outputs_and_refuses_what_it_cannot_stack():
+    from torch import nn
+
+    from modules.engine.fusion import fuse
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, n, bias=True).requires_grad_(False) for n in (4, 2, 2)]
+    x = torch.randn(3, 6)
+    separate = [layer(x) for layer in layers]
+    fused = fuse(*layers)
+    assert fused is not None and fused.intact() and fused.sizes == (4, 2, 2)
+    for out, expected in zip(fused(x), separate):
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert layers[1].bias.data_ptr() == fused.bias.data_ptr() + 4 * 4  # rows 4-5 of the stacked bias
+    layers[2].bias = nn.Parameter(torch.zeros(2), requires_grad=False)  # a new tensor: no longer a view
+    assert not fused.intact()
+    mixed = [nn.Linear(6, 2, bias=True).requires_grad_(False), nn.Linear(6, 2, bias=False).requires_grad_(False)]
+    assert fuse(*mixed) is None  # one with a bias, one without
+    assert fuse(layers[0], layers[0]) is None  # the same layer twice
+    assert fuse(nn.Linear(6, 2), nn.Linear(6, 2)) is None  # trainable
