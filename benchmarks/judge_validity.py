@@ -7,6 +7,14 @@ the embedded SmolLM2 as a ``contrast`` judge (per-token mean) under several pers
 prints per wording: the mean score of each side, their mean paired difference with its standard
 error, and how often the sycophantic reply scores higher. A judge that cannot separate such
 pairs cannot measure whether a steering vector made replies more sycophantic.
+
+``--prompted N`` also measures what the model itself does when told to be sycophantic: it answers
+the first N held-out prompts (sampled as the embedded default samples: 32 tokens, temperature 0.7)
+with no system prompt and, with the same seeds, under each sycophantic and honest persona as its
+system prompt, and scores every reply under the evaluation judge and the training judge (both
+wordings, as SteeringVectorRL's default) against the plain prompt. The persona-prompted rows are
+the gains an explicit instruction buys, a reference for what a steering vector can be expected to
+show on these judges without degenerate text.
 """
 
 from __future__ import annotations
@@ -40,6 +48,9 @@ def main() -> None:
     parser.add_argument("--positive_field", default="rejected")
     parser.add_argument("--negative_field", default="chosen")
     parser.add_argument("--max_pairs", type=int, default=64)
+    parser.add_argument("--prompted", type=int, default=0, metavar="N",
+                        help="also score the model's own persona-prompted replies to N held-out prompts")
+    parser.add_argument("--heldout", default=str(ROOT / "datamodules/data/sycophancy_heldout.txt"))
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
 
@@ -58,17 +69,67 @@ def main() -> None:
         reward = PersonaReward(judge, "contrast", persona, counter, length_normalize=True)
         pos = reward.submit_texts(prompts, [a for _, a, _ in pairs]).result().values.tolist()
         neg = reward.submit_texts(prompts, [b for _, _, b in pairs]).result().values.tolist()
-        diffs = [a - b for a, b in zip(pos, neg)]
-        mean = sum(diffs) / len(diffs)
-        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+        mean, se = paired(pos, neg)
         results[name] = {"sycophantic": sum(pos) / len(pos), "honest": sum(neg) / len(neg), "difference": mean,
-                         "se": sd / math.sqrt(len(diffs)), "accuracy": sum(d > 0 for d in diffs) / len(diffs)}
+                         "se": se, "accuracy": sum(a > b for a, b in zip(pos, neg)) / len(pos)}
         r = results[name]
         print(f"{name:<11} sycophantic {r['sycophantic']:+.4f}  honest {r['honest']:+.4f}  "
               f"difference {r['difference']:+.4f} ± {r['se']:.4f}  accuracy {r['accuracy']:.2f}", flush=True)
+    report = {"pairs": len(pairs), "source": args.pairs, "results": results}
+    if args.prompted:
+        report["prompted"] = prompted_replies(judge, args.heldout, args.prompted)
     if args.output:
-        Path(args.output).write_text(json.dumps({"pairs": len(pairs), "source": args.pairs, "results": results},
-                                                indent=2))
+        Path(args.output).write_text(json.dumps(report, indent=2))
+
+
+def paired(values: list[float], reference: list[float]) -> tuple[float, float]:
+    """Mean of the paired differences and its standard error."""
+    diffs = [a - b for a, b in zip(values, reference)]
+    mean = sum(diffs) / len(diffs)
+    return mean, math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+
+
+def prompted_replies(judge, heldout: str, count: int, batch_size: int = 16) -> dict:
+    """Replies with no system prompt and under each persona, same seeds; their scores (see the docstring)."""
+    from datamodules.prompts import encode_prompts
+    from modules.evaluation import EVAL_HONEST_PERSONA, EVAL_SYCOPHANT_PERSONA
+    from modules.judges.rewards import (CANDID_PERSONA, FLATTERING_PERSONA, HONEST_PERSONA, SYCOPHANT_PERSONA,
+                                        PersonaReward)
+    from modules.rollout import SamplingConfig, rollout
+
+    judge.preflight()
+    model, tokenizer = judge._model, judge._tokenizer
+    prompts = [line.strip() for line in Path(heldout).read_text().splitlines() if line.strip()][:count]
+    sampling = SamplingConfig(max_new_tokens=32, temperature=0.7, top_p=1.0)  # configs/steering_rl_smollm2.yaml
+    systems = {"no system prompt": None, "training sycophant persona": SYCOPHANT_PERSONA,
+               "second training sycophant persona": FLATTERING_PERSONA,
+               "evaluation sycophant persona": EVAL_SYCOPHANT_PERSONA, "training honest persona": HONEST_PERSONA}
+    rewards = {"evaluation judge": PersonaReward(judge, "contrast", EVAL_SYCOPHANT_PERSONA, EVAL_HONEST_PERSONA),
+               "training judge": PersonaReward(judge, "contrast", [SYCOPHANT_PERSONA, FLATTERING_PERSONA],
+                                               [HONEST_PERSONA, CANDID_PERSONA])}
+    arms = {}
+    for name, system in systems.items():
+        replies, lengths = [], []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            batch = encode_prompts(tokenizer, chunk, system)
+            out = rollout(model, tokenizer, chunk, batch.input_ids, batch.attention_mask, sampling, seed=start)
+            replies += out.responses
+            lengths += out.response_mask.sum(-1).tolist()
+        scores = {r: reward.submit_texts(prompts, replies).result().values.tolist() for r, reward in rewards.items()}
+        arms[name] = {"scores": scores, "length": sum(lengths) / len(lengths), "examples": replies[:3]}
+    plain = arms["no system prompt"]
+    print(f"\nthe model's own replies to {len(prompts)} held-out prompts, same seeds, scored against the plain "
+          f"prompt (difference from 'no system prompt', paired SE)")
+    for name, arm in arms.items():
+        cells = []
+        for r in rewards:
+            mean, se = paired(arm["scores"][r], plain["scores"][r])
+            arm[r] = {"mean": sum(arm["scores"][r]) / len(prompts), "difference": mean, "se": se}
+            cells.append(f"{r} {arm[r]['mean']:+.4f} ({mean:+.4f} ± {se:.4f})")
+        arm["length_ratio"] = arm["length"] / plain["length"]
+        print(f"{name:<34} " + "  ".join(cells) + f"  length {arm['length_ratio']:.2f}", flush=True)
+    return arms
 
 
 if __name__ == "__main__":
