@@ -6,18 +6,20 @@ preferring honest over sycophantic replies). Both watch feature 1115, which the 
 and honest replies light up: run A with alpha 0 (watched, not penalised), run B with alpha 1 above
 tau 3. Run A's held-out R_SARM with the adapter on beats adapter-off by more than three standard
 errors (48 samples per arm); run B's held-out activation rate of feature 1115 (adapter on, same
-prompts and seeds) ends lower than run A's. (Measured with these settings: R_SARM +1.95 over
+prompts and seeds, checked; its adapter-off arm would repeat run A's and is not run) ends lower than
+run A's. (Measured with these settings: R_SARM +1.95 over
 adapter-off, 10 SE; feature 1115 active on 0.56 of held-out replies watched, 0.25 penalised; after
 8 updates instead of 10 the penalty had not yet separated the two runs.)
 """
 
 import importlib.util
+from contextlib import nullcontext
 
 import lightning as L
 import pytest
 
 from datamodules.prompts import PromptDataModule
-from modules.evaluation import evaluate_intervention
+from modules.evaluation import Intervention, compare_interventions, evaluate_intervention
 from modules.sarm.reward import SARMReward
 from modules.sarm_ppo import SARMFeaturePPO
 from tests.helpers import train
@@ -33,26 +35,33 @@ TRAINING = dict(model="embedded:smollm2", lora_r=16, lora_alpha=32, kl_coef=0.02
 HELDOUT_PROMPTS = 48
 
 
-def train_and_report(alpha: float, tmp_path):
+def trained(alpha: float, tmp_path) -> tuple[SARMFeaturePPO, list[str]]:
     L.seed_everything(0)
     reward = SARMReward("embedded:sarm-smollm2", penalize_features=[FEATURE], tau_values=[TAU], alpha_values=[alpha])
     module = SARMFeaturePPO(reward=reward, **TRAINING)
     module.preflight()
     data = PromptDataModule(prompts_per_update=module.prompts_per_update)
     train(module, data, tmp_path)
-    return evaluate_intervention(module, data.heldout_prompts[:HELDOUT_PROMPTS], samples_per_prompt=1, seed=12345,
-                                 batch_size=48, show_examples=2, progress=False)
+    return module, data.heldout_prompts[:HELDOUT_PROMPTS]
 
 
 def test_sarm_reward_rises_and_a_penalised_feature_falls(tmp_path, capsys):
-    watched = train_and_report(0.0, tmp_path / "watched")
-    penalised = train_and_report(1.0, tmp_path / "penalised")
+    module, prompts = trained(0.0, tmp_path / "watched")
+    held_out = dict(samples_per_prompt=1, seed=12345, batch_size=48, show_examples=2, progress=False)
+    watched = evaluate_intervention(module, prompts, **held_out)
+    # the penalised run's adapter-off arm would be the watched run's (same base, prompts and seeds):
+    # only its adapter-on arm is answered, under the same pairing
+    module, _ = trained(1.0, tmp_path / "penalised")
+    comparison, arms = compare_interventions(module, prompts, [Intervention("adapter on", nullcontext, reference=True)],
+                                             **held_out)
+    penalised = module.heldout_summary(arms["adapter on"].features)
+    rate = f"active/{FEATURE}"
     with capsys.disabled():
-        print("\nwatched (alpha 0):\n" + watched.format() + "\n\npenalised (alpha 1):\n" + penalised.format())
-    assert watched.samples_per_arm >= 48
+        print("\nwatched (alpha 0):\n" + watched.format() + f"\n\npenalised (alpha 1), adapter on: {rate} "
+              f"{penalised[rate]:.3f}, R_SARM {comparison.arm('adapter on')['rewards']['training']['mean']:+.3f}")
+    assert watched.samples_per_arm >= 48 and comparison.pairing == watched.comparison["pairing"]
     # alpha 0: the reward is R_SARM itself
     assert watched.difference > 3 * watched.difference_se, watched.format()
-    rate = f"active/{FEATURE}"
-    assert penalised.method_summary["on"][rate] < watched.method_summary["on"][rate], (
-        f"feature {FEATURE} held-out activation rate: penalised {penalised.method_summary['on'][rate]:.3f}, "
+    assert penalised[rate] < watched.method_summary["on"][rate], (
+        f"feature {FEATURE} held-out activation rate: penalised {penalised[rate]:.3f}, "
         f"watched {watched.method_summary['on'][rate]:.3f}")
