@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,11 +59,14 @@ def main() -> None:
     from modules.evaluation import EVAL_HONEST_PERSONA, EVAL_SYCOPHANT_PERSONA
     from modules.judges.local import LocalJudge
     from modules.judges.rewards import HONEST_PERSONA, SYCOPHANT_PERSONA, PersonaReward
+    from modules.models.loading import load_causal_lm
 
     WORDINGS["training"] = (SYCOPHANT_PERSONA, HONEST_PERSONA)
     WORDINGS["evaluation"] = (EVAL_SYCOPHANT_PERSONA, EVAL_HONEST_PERSONA)
     pairs = read_pairs(args.pairs, args.positive_field, args.negative_field)[: args.max_pairs]
-    judge = LocalJudge("embedded:smollm2", batch_size=16)
+    model, tokenizer = load_causal_lm("embedded:smollm2", "auto")
+    judge = LocalJudge(batch_size=16)  # judges with the same weights that answer in --prompted
+    judge.attach_shared(model, tokenizer, nullcontext)
     prompts = [p for p, _, _ in pairs]
     results = {}
     for name, (persona, counter) in WORDINGS.items():
@@ -77,7 +81,7 @@ def main() -> None:
               f"difference {r['difference']:+.4f} ± {r['se']:.4f}  accuracy {r['accuracy']:.2f}", flush=True)
     report = {"pairs": len(pairs), "source": args.pairs, "results": results}
     if args.prompted:
-        report["prompted"] = prompted_replies(judge, args.heldout, args.prompted)
+        report["prompted"] = prompted_replies(model, tokenizer, judge, args.heldout, args.prompted)
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2))
 
@@ -89,16 +93,14 @@ def paired(values: list[float], reference: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
 
 
-def prompted_replies(judge, heldout: str, count: int, batch_size: int = 16) -> dict:
+def prompted_replies(model, tokenizer, judge, heldout: str, count: int) -> dict:
     """Replies with no system prompt and under each persona, same seeds; their scores (see the docstring)."""
-    from datamodules.prompts import encode_prompts
+    from modules.caa import sample_replies
     from modules.evaluation import EVAL_HONEST_PERSONA, EVAL_SYCOPHANT_PERSONA
     from modules.judges.rewards import (CANDID_PERSONA, FLATTERING_PERSONA, HONEST_PERSONA, SYCOPHANT_PERSONA,
                                         PersonaReward)
-    from modules.rollout import SamplingConfig, rollout
+    from modules.rollout import SamplingConfig
 
-    judge.preflight()
-    model, tokenizer = judge._model, judge._tokenizer
     prompts = [line.strip() for line in Path(heldout).read_text().splitlines() if line.strip()][:count]
     sampling = SamplingConfig(max_new_tokens=32, temperature=0.7, top_p=1.0)  # configs/steering_rl_smollm2.yaml
     systems = {"no system prompt": None, "training sycophant persona": SYCOPHANT_PERSONA,
@@ -109,13 +111,7 @@ def prompted_replies(judge, heldout: str, count: int, batch_size: int = 16) -> d
                                                [HONEST_PERSONA, CANDID_PERSONA])}
     arms = {}
     for name, system in systems.items():
-        replies, lengths = [], []
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            batch = encode_prompts(tokenizer, chunk, system)
-            out = rollout(model, tokenizer, chunk, batch.input_ids, batch.attention_mask, sampling, seed=start)
-            replies += out.responses
-            lengths += out.response_mask.sum(-1).tolist()
+        replies, lengths = sample_replies(model, tokenizer, prompts, system, sampling)
         scores = {r: reward.submit_texts(prompts, replies).result().values.tolist() for r, reward in rewards.items()}
         arms[name] = {"scores": scores, "length": sum(lengths) / len(lengths), "examples": replies[:3]}
     plain = arms["no system prompt"]

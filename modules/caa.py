@@ -44,20 +44,29 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
+def sample_replies(model, tokenizer, prompts: list[str], system: str | None, sampling: SamplingConfig, seed: int = 0,
+                   batch_size: int = 16, base: ContextManager | None = None) -> tuple[list[str], list[int]]:
+    """Replies to ``prompts`` with ``system`` as the system prompt (None: none) and their token
+    counts; the batch starting at prompt ``k`` is sampled with seed ``seed + k``, so calls that
+    differ only in ``system`` share their seeds."""
+    replies, lengths = [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        batch = encode_prompts(tokenizer, chunk, system)
+        ids, mask = batch.input_ids.to(model.device), batch.attention_mask.to(model.device)
+        with base or nullcontext():
+            out = rollout(model, tokenizer, chunk, ids, mask, sampling, seed + start)
+        replies += out.responses
+        lengths += out.response_mask.sum(-1).tolist()
+    return replies, lengths
+
+
 def persona_pairs(model, tokenizer, prompts: list[str], persona: str, counter_persona: str, sampling: SamplingConfig,
                   seed: int = 0, batch_size: int = 16, base: ContextManager | None = None) -> list[tuple[str, str, str]]:
     """(prompt, reply as ``persona``, reply as ``counter_persona``), one sampling seed per batch for both."""
-    pairs = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        replies = []
-        for system in (persona, counter_persona):
-            batch = encode_prompts(tokenizer, chunk, system)
-            ids, mask = batch.input_ids.to(model.device), batch.attention_mask.to(model.device)
-            with base or nullcontext():
-                replies.append(rollout(model, tokenizer, chunk, ids, mask, sampling, seed + start).responses)
-        pairs.extend(zip(chunk, *replies))
-    return pairs
+    positive, _ = sample_replies(model, tokenizer, prompts, persona, sampling, seed, batch_size, base)
+    negative, _ = sample_replies(model, tokenizer, prompts, counter_persona, sampling, seed, batch_size, base)
+    return list(zip(prompts, positive, negative))
 
 
 def read_pairs(path: str, positive_field: str, negative_field: str) -> list[tuple[str, str, str]]:
