@@ -59,7 +59,8 @@ class Experience:
     group: torch.Tensor
     """[B] group id: rows sampled from the same prompt share it (unique within a rollout batch)."""
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
-    """From the score pass: per-row [B, ...] or per-token [B, R, ...] tensors (R = response width)."""
+    """From the score pass: per-row [B, ...], per-token [B, R, ...] (R = response width) or
+    per-position [B, P + R, ...] tensors (P = prompt width: over prompt and response columns)."""
     advantages: torch.Tensor | None = None
     """[B] (one per reply) or [B, R] (per token)."""
     returns: torch.Tensor | None = None
@@ -72,16 +73,25 @@ class Experience:
     def _per_token(self, t: torch.Tensor) -> bool:
         return t.dim() >= 2 and tuple(t.shape[:2]) == tuple(self.rollout.response_ids.shape)
 
+    def _per_position(self, t: torch.Tensor) -> bool:
+        rows, prompt_width = self.rollout.prompt_ids.shape
+        return t.dim() >= 2 and tuple(t.shape[:2]) == (rows, prompt_width + self.rollout.response_ids.shape[1])
+
     def select(self, rows: torch.Tensor) -> "Experience":
-        """The given rows; response columns beyond the longest selected reply are dropped."""
+        """The given rows; prompt columns that are padding in every selected row and response
+        columns beyond the longest selected reply are dropped (as :meth:`Rollout.select` does)."""
         rollout = self.rollout.select(rows)
         width = rollout.response_ids.shape[1]
+        first = self.rollout.prompt_ids.shape[1] - rollout.prompt_ids.shape[1]  # prompt columns dropped
+        end = self.rollout.prompt_ids.shape[1] + width
 
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
                 return None
             picked = t[rows.to(t.device)]
-            return picked[:, :width] if self._per_token(t) else picked
+            if self._per_token(t):
+                return picked[:, :width]
+            return picked[:, first:end] if self._per_position(t) else picked
 
         return Experience(rollout, self.rewards.select(rows), self.group[rows.to(self.group.device)],
                           {k: pick(v) for k, v in self.scores.items()}, pick(self.advantages), pick(self.returns))
@@ -90,13 +100,18 @@ class Experience:
     def concat(parts: list["Experience"], pad_id: int) -> "Experience":
         """Rows of several experiences (scored, before advantages), re-padded to common widths."""
         rollout = Rollout.concat([p.rollout for p in parts], pad_id)
-        width = rollout.response_ids.shape[1]
+        prompt_width, width = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+
+        def pad(t: torch.Tensor, left: int, right: int) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (left, right))
 
         def cat(key: str) -> torch.Tensor:
             tensors = [p.scores[key] for p in parts]
             if all(p._per_token(t) for p, t in zip(parts, tensors)):
-                tensors = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]))
-                           for t in tensors]
+                tensors = [pad(t, 0, width - t.shape[1]) for t in tensors]
+            elif all(p._per_position(t) for p, t in zip(parts, tensors)):  # prompts left-, replies right-padded
+                tensors = [pad(t, prompt_width - p.rollout.prompt_ids.shape[1], width - p.rollout.response_ids.shape[1])
+                           for p, t in zip(parts, tensors)]
             return torch.cat(tensors)
 
         keys = [k for k in parts[0].scores if all(k in p.scores for p in parts)]

@@ -40,7 +40,7 @@ Where this departs from seed 000:
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -51,6 +51,7 @@ from modules.evaluation import EVAL_HONEST_PERSONA, EVAL_SYCOPHANT_PERSONA, eval
 from modules.judges.base import Judge
 from modules.judges.rewards import (CANDID_PERSONA, FLATTERING_PERSONA, HONEST_PERSONA, SYCOPHANT_PERSONA,
                                     PersonaReward, RewardMode)
+from modules.models.layer_input import recording_layer_input, starting_at_layer
 from modules.models.loading import load_causal_lm
 from modules.models.steering_io import read_steering_vector, save_steering_vector
 from modules.models.steering import HookPoint, SteerPositions, Steering, SteeringVector
@@ -101,6 +102,11 @@ class SteeringVectorRL(OnPolicyModule):
         init_from: A steering vector file (e.g. ``python cli.py caa``) whose ``v`` and ``alpha`` start
             training; it must have been made at this hook_layer and hook_point (None: ``init_std``).
         init_scale: Multiplies the loaded ``alpha`` (``init_from`` only).
+        share_lower_layers: The loss pass starts at ``hook_layer`` from the hidden states that the
+            reference pass saw entering it (the layers below the vector are the same with it on or
+            off; :mod:`modules.models.layer_input`): the same result for ``hook_layer / layers`` less
+            of the loss pass's forward, for keeping those states ([rows, prompt + reply, d]) until
+            the update. False runs the whole model again.
     """
 
     arm_names = ("vector off", "vector on")
@@ -131,6 +137,7 @@ class SteeringVectorRL(OnPolicyModule):
         eval_counter_persona: str = EVAL_HONEST_PERSONA,
         init_from: str | None = None,
         init_scale: float = 1.0,
+        share_lower_layers: bool = True,
         **loop_options,
     ) -> None:
         super().__init__(**loop_options)
@@ -163,6 +170,7 @@ class SteeringVectorRL(OnPolicyModule):
         self.kl_estimator, self.kl_coef, self.logit_chunk_tokens = kl_estimator, kl_coef, logit_chunk_tokens
         self.kl_penalty = KL_PENALTIES[kl_estimator]  # None: the log-ratio is folded into the reward
         self.full_kl = exact_kl if kl_estimator == "exact" else None
+        self.share_lower_layers = share_lower_layers
 
     def load_policy(self, model: str, dtype: str):
         """The frozen policy and its tokenizer (a subclass may build them another way, e.g. benchmarks)."""
@@ -222,15 +230,17 @@ class SteeringVectorRL(OnPolicyModule):
         """Reference hidden states (exact KL) or log-probs (k3), and the log-ratio the ``reward``
         estimator folds into the reward."""
         batch = experience.rollout
-        with self.reference():
+        with self.reference(), recording_layer_input(self.policy, self.steering.layer) as entering:
             ref_hidden = response_hidden_states(self.policy, batch)
+        if self.share_lower_layers:
+            experience.scores["layer_input"] = entering[0]  # per position: [B, P + R, d]
         mask = batch.response_mask.bool()
         ref = self.token_stats(ref_hidden[mask], None, batch)
         experience.scores["ref_logp"] = scatter_to_rows(ref.logp, mask)
         if self.full_kl is not None:
             experience.scores["ref_hidden"] = ref_hidden
         if self.kl_penalty is None:
-            logp = self.token_stats(self.policy_hidden(batch)[mask], None, batch).logp
+            logp = self.token_stats(self.policy_hidden(batch, entering[0])[mask], None, batch).logp
             experience.scores["log_ratio"] = per_sequence_sum(sampled_log_ratio(logp, ref.logp), mask)
 
     def compute_advantages(self, batch: Experience) -> None:
@@ -249,7 +259,7 @@ class SteeringVectorRL(OnPolicyModule):
         mask = batch.response_mask.bool()
         ref_hidden = experience.scores.get("ref_hidden")
         with self.loss_pass():
-            hidden = self.policy_hidden(batch)[mask]
+            hidden = self.policy_hidden(batch, experience.scores.get("layer_input"))[mask]
         stats = self.token_stats(hidden, None if ref_hidden is None else ref_hidden[mask], batch, self.full_kl)
         logp, ref_logp = stats.logp, experience.scores["ref_logp"][mask]
         log_ratio = per_sequence_sum(sampled_log_ratio(logp.detach(), ref_logp), mask)
@@ -272,11 +282,15 @@ class SteeringVectorRL(OnPolicyModule):
         return loss, metrics
 
     # -- helpers -------------------------------------------------------------------------------
-    def policy_hidden(self, batch: Rollout) -> torch.Tensor:
-        """[B, R, d] final hidden states with the steering on (off under ``reference()``)."""
+    def policy_hidden(self, batch: Rollout, layer_input: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, R, d] final hidden states with the steering on (off under ``reference()``); with
+        ``layer_input`` (what entered the steered layer in the reference pass over ``batch``) the
+        forward starts at the steered layer."""
         self.steering.record_site_norm = self.steering.site_norm is None  # once per update: a device sync
+        start = (starting_at_layer(self.policy, self.steering.layer, layer_input) if layer_input is not None
+                 else nullcontext())
         try:
-            with self.steering.prompt_length(batch.prompt_ids.shape[1]):
+            with self.steering.prompt_length(batch.prompt_ids.shape[1]), start:
                 return response_hidden_states(self.policy, batch)
         finally:
             self.steering.record_site_norm = False

@@ -230,8 +230,10 @@ def test_experience_rows_select_and_concat_with_their_padding():
                           (response_ids != 0).long(), [f"r{int(r)}" for r in rewards], 1.0,
                           [{"i": int(r)} for r in rewards])
         per_token = response_ids.float()
+        per_position = torch.cat([prompt_ids, response_ids], 1).float()[..., None].repeat(1, 1, 2)  # [B, P+R, 2]
         return Experience(rollout, Rewards(torch.tensor(rewards), torch.tensor([True] * len(rewards))),
-                          torch.arange(len(rewards)), {"logp": per_token, "row": torch.tensor(rewards)})
+                          torch.arange(len(rewards)),
+                          {"logp": per_token, "row": torch.tensor(rewards), "layer_input": per_position})
 
     a = part(torch.tensor([[0, 5, 6], [7, 8, 9]]), torch.tensor([[3, 4], [5, 0]]), [1.0, 2.0])
     b = part(torch.tensor([[4]]), torch.tensor([[6, 7, 8]]), [3.0])
@@ -240,11 +242,17 @@ def test_experience_rows_select_and_concat_with_their_padding():
     assert merged.rollout.response_ids.tolist() == [[3, 4, 0], [5, 0, 0], [6, 7, 8]]  # right-padded
     assert merged.scores["logp"].tolist() == [[3, 4, 0], [5, 0, 0], [6, 7, 8]]
     assert merged.scores["row"].tolist() == [1.0, 2.0, 3.0] and merged.rollout.seconds == 2.0
+    # per position: each row's values stay beside its tokens (prompt left-, reply right-padded)
+    assert merged.scores["layer_input"][..., 1].tolist() == [[0, 5, 6, 3, 4, 0], [7, 8, 9, 5, 0, 0], [0, 0, 4, 6, 7, 8]]
     picked = merged.select(torch.tensor([1, 0]))
     assert picked.rollout.prompt_ids.tolist() == [[7, 8, 9], [0, 5, 6]]
     assert picked.rollout.response_ids.tolist() == [[5, 0], [3, 4]]  # the all-padding column is gone
     assert picked.scores["logp"].shape == (2, 2) and picked.rollout.records == [{"i": 2}, {"i": 1}]
     assert picked.rewards.values.tolist() == [2.0, 1.0]
+    assert picked.scores["layer_input"][..., 0].tolist() == [[7, 8, 9, 5, 0], [0, 5, 6, 3, 4]]
+    short = merged.select(torch.tensor([2]))  # two all-padding prompt columns and nothing after the reply
+    assert short.rollout.prompt_ids.tolist() == [[4]]
+    assert short.scores["layer_input"][..., 0].tolist() == [[4, 6, 7, 8]]
 
 
 def test_flat_rewards_are_reported_once(tiny_llama_dir, tmp_path, caplog):
