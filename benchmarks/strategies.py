@@ -48,7 +48,11 @@ SMALL = dict(steering=dict(batch_size=4, grad_accum=1, max_new_tokens=16, update
 # the same rollouts in one backward pass: its update-1 gradient norm must equal steering's two-pass one
 SMALL["steering_one_pass"] = dict(SMALL["steering"], update_batch_size=4)
 CONFIGS["steering_one_pass"] = CONFIGS["steering"]
-COMPARED_WITH = {"steering_one_pass": "steering"}  # its final vector is compared with steering's first run
+# the loss pass over the whole model again instead of from the steered layer: the same final vector
+SMALL["steering_full_forward"] = dict(SMALL["steering"], share_lower_layers=False)
+CONFIGS["steering_full_forward"] = CONFIGS["steering"]
+COMPARED_WITH = {"steering_one_pass": "steering",  # their final vectors are compared with steering's first run
+                 "steering_full_forward": "steering"}
 
 
 def method_files(method: str, model_dir: str, folder: Path) -> dict:
