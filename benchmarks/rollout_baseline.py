@@ -8,6 +8,7 @@ same process when its script is given, and prints a table. This is the baseline 
 rollout engine will be measured against.
 
     python benchmarks/rollout_baseline.py --tokenizer PATH [--ceiling_script PATH] [--updates 2]
+        [--no-share_lower_layers]   # the loss pass over the whole model (the comparison in RESULTS.md)
 
 ``--tokenizer``: any chat tokenizer folder (the model is random, so only the template and the
 special tokens matter); ids beyond its vocabulary decode to nothing, which makes the judge's
@@ -70,8 +71,9 @@ class Timings(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        self.rows.append({k: m.get(k) for k in ("time/update_s", "time/generate_s", "time/judge_wait_s",
-                                                 "rollout/tokens_per_s", "response/length")})
+        self.rows.append({k: m.get(k) for k in ("time/rollout_batch_s", "time/update_s", "time/score_s",
+                                                 "time/generate_s", "time/judge_wait_s", "rollout/tokens_per_s",
+                                                 "response/length")})
 
 
 def decode_step_ms(module: SteeringVectorRL, prompts: list[str], new_tokens: int) -> tuple[float, float]:
@@ -107,6 +109,8 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=2)
     parser.add_argument("--new_tokens", type=int, default=120)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--share_lower_layers", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-share_lower_layers: the loss pass runs the whole model again")
     args = parser.parse_args()
 
     ceiling = {}
@@ -120,7 +124,7 @@ def main() -> None:
     on_gpu = args.device == "cuda"
     module = RandomLlama(model=f"random-{args.shape}", hook_layer=SHAPES[args.shape]["num_hidden_layers"] // 2, batch_size=args.batch_size,
                          grad_accum=args.grad_accum, total_updates=args.updates, max_new_tokens=args.new_tokens,
-                         reward_mode="contrast", kl_coef=0.05, lr=0.005)
+                         reward_mode="contrast", kl_coef=0.05, lr=0.005, share_lower_layers=args.share_lower_layers)
     data = PromptDataModule(prompts_per_update=args.batch_size * args.grad_accum)
     timings = Timings()
     trainer = L.Trainer(accelerator="gpu" if on_gpu else "cpu", devices=1, max_steps=args.updates, logger=False, enable_checkpointing=False,
@@ -139,7 +143,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "shape": args.shape, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
         "new_tokens": args.new_tokens,
-        "update_s": last["time/update_s"], "generate_s_per_update": last["time/generate_s"],
+        "share_lower_layers": args.share_lower_layers, "rollout_batch_s": last["time/rollout_batch_s"],
+        "score_s": last["time/score_s"], "update_s": last["time/update_s"], "generate_s_per_update": last["time/generate_s"],
         "judge_wait_s": last["time/judge_wait_s"], "rollout_tokens_per_s": last["rollout/tokens_per_s"],
         "prefill_ms": prefill_ms, "decode_step_ms": step_ms, "peak_memory_gib": peak_train,
         "ceiling_step_ms": ceiling.get(args.batch_size),
@@ -147,10 +152,11 @@ def main() -> None:
         "per_update": timings.rows,
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "rollout_baseline.json").write_text(json.dumps(result, indent=2))
+    name = "rollout_baseline.json" if args.share_lower_layers else "rollout_baseline_full_forward.json"
+    (Path(args.out) / name).write_text(json.dumps(result, indent=2))
     print(f"\n| {result['device']} | batch {args.batch_size} x accum {args.grad_accum}, {args.new_tokens} new tokens |")
     print("|---|---|")
-    for key in ("update_s", "generate_s_per_update", "judge_wait_s", "rollout_tokens_per_s", "prefill_ms",
+    for key in ("rollout_batch_s", "score_s", "update_s", "generate_s_per_update", "judge_wait_s", "rollout_tokens_per_s", "prefill_ms",
                 "decode_step_ms", "ceiling_step_ms", "decode_vs_ceiling", "peak_memory_gib"):
         value = result[key]
         print(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")

@@ -28,10 +28,20 @@ def _steered(model_dir, **overrides):
     return module
 
 
+ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
 @pytest.mark.parametrize("hook_point,positions", [("post_attn_norm", "all"), ("pre_attn_norm", "response")])
-def test_loss_and_gradient_are_the_full_forwards(tiny_model_dir, hook_point, positions):
-    module = _steered(tiny_model_dir, hook_point=hook_point, steer_positions=positions)
-    rollout, rewards = _rollout(), Rewards(torch.tensor([1.0, -0.5, 2.0]), torch.tensor([True] * 3))
+def test_loss_and_gradient_are_the_full_forwards(tiny_model_dir, hook_point, positions, device):
+    dtype = "float32" if device == "cpu" else "bfloat16"  # bf16 on the GPU: its kernels, its roundings
+    module = _steered(tiny_model_dir, hook_point=hook_point, steer_positions=positions, dtype=dtype).to(device)
+    rollout = _rollout()
+    rollout = Rollout(rollout.prompts, *(t.to(device) for t in (rollout.prompt_ids, rollout.prompt_mask,
+                                                                 rollout.response_ids, rollout.response_mask)),
+                      rollout.responses)
+    rewards = Rewards(torch.tensor([1.0, -0.5, 2.0]), torch.tensor([True] * 3))
 
     lowest_mlp_runs = []
     decoder_layers(module.policy)[0].mlp.register_forward_hook(lambda *a: lowest_mlp_runs.append(1))
