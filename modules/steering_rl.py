@@ -232,15 +232,16 @@ class SteeringVectorRL(OnPolicyModule):
         batch = experience.rollout
         with self.reference(), recording_layer_input(self.policy, self.steering.layer) as entering:
             ref_hidden = response_hidden_states(self.policy, batch)
-        if self.share_lower_layers:
-            experience.scores["layer_input"] = entering[0]  # per position: [B, P + R, d]
+        layer_input = entering[0] if self.share_lower_layers and self.steering.layer > 0 else None
+        if layer_input is not None:
+            experience.scores["layer_input"] = layer_input  # per position: [B, P + R, d]
         mask = batch.response_mask.bool()
         ref = self.token_stats(ref_hidden[mask], None, batch)
         experience.scores["ref_logp"] = scatter_to_rows(ref.logp, mask)
         if self.full_kl is not None:
             experience.scores["ref_hidden"] = ref_hidden
         if self.kl_penalty is None:
-            logp = self.token_stats(self.policy_hidden(batch, entering[0])[mask], None, batch).logp
+            logp = self.token_stats(self.policy_hidden(batch, layer_input)[mask], None, batch).logp
             experience.scores["log_ratio"] = per_sequence_sum(sampled_log_ratio(logp, ref.logp), mask)
 
     def compute_advantages(self, batch: Experience) -> None:

@@ -33,10 +33,12 @@ ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not tor
 
 
 @pytest.mark.parametrize("device", ["cpu", ON_GPU])
-@pytest.mark.parametrize("hook_point,positions", [("post_attn_norm", "all"), ("pre_attn_norm", "response")])
-def test_loss_and_gradient_are_the_full_forwards(tiny_model_dir, hook_point, positions, device):
+@pytest.mark.parametrize("hook_point,positions,estimator", [("post_attn_norm", "all", "exact"),
+                                                            ("pre_attn_norm", "response", "reward")])
+def test_loss_and_gradient_are_the_full_forwards(tiny_model_dir, hook_point, positions, estimator, device):
     dtype = "float32" if device == "cpu" else "bfloat16"  # bf16 on the GPU: its kernels, its roundings
-    module = _steered(tiny_model_dir, hook_point=hook_point, steer_positions=positions, dtype=dtype).to(device)
+    module = _steered(tiny_model_dir, hook_point=hook_point, steer_positions=positions, kl_estimator=estimator,
+                      dtype=dtype).to(device)
     rollout = _rollout()
     rollout = Rollout(rollout.prompts, *(t.to(device) for t in (rollout.prompt_ids, rollout.prompt_mask,
                                                                  rollout.response_ids, rollout.response_mask)),
@@ -56,8 +58,9 @@ def test_loss_and_gradient_are_the_full_forwards(tiny_model_dir, hook_point, pos
                 module.steering_vector.alpha.grad.clone(), len(lowest_mlp_runs))
 
     shared, full = loss_and_grads(True), loss_and_grads(False)
-    assert (shared[-1], full[-1]) == (1, 2)  # shared: layer 0 ran in the reference pass only
-    assert full[1] > 0 and full[2].norm() > 0  # the vector changes the policy: there is something to compare
+    # shared: layer 0 ran in the reference pass only (the `reward` estimator adds a policy pass to the score)
+    assert (shared[-1], full[-1]) == (1, 2 if estimator == "exact" else 3)
+    assert full[1] != 0 and full[2].norm() > 0  # the vector changes the policy: there is something to compare
     for a, b in zip(shared[:-1], full[:-1]):
         assert torch.equal(a, b)
 
