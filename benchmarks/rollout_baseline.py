@@ -144,7 +144,8 @@ def main() -> None:
         "shape": args.shape, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
         "new_tokens": args.new_tokens,
         "share_lower_layers": args.share_lower_layers, "rollout_batch_s": last["time/rollout_batch_s"],
-        "score_s": last["time/score_s"], "update_s": last["time/update_s"], "generate_s_per_update": last["time/generate_s"],
+        "score_s": last["time/score_s"], "update_s": last["time/update_s"],
+        "generate_s_per_update": last["time/generate_s"],
         "judge_wait_s": last["time/judge_wait_s"], "rollout_tokens_per_s": last["rollout/tokens_per_s"],
         "prefill_ms": prefill_ms, "decode_step_ms": step_ms, "peak_memory_gib": peak_train,
         "ceiling_step_ms": ceiling.get(args.batch_size),
@@ -156,8 +157,8 @@ def main() -> None:
     (Path(args.out) / name).write_text(json.dumps(result, indent=2))
     print(f"\n| {result['device']} | batch {args.batch_size} x accum {args.grad_accum}, {args.new_tokens} new tokens |")
     print("|---|---|")
-    for key in ("rollout_batch_s", "score_s", "update_s", "generate_s_per_update", "judge_wait_s", "rollout_tokens_per_s", "prefill_ms",
-                "decode_step_ms", "ceiling_step_ms", "decode_vs_ceiling", "peak_memory_gib"):
+    for key in ("rollout_batch_s", "score_s", "update_s", "generate_s_per_update", "judge_wait_s",
+                "rollout_tokens_per_s", "prefill_ms", "decode_step_ms", "ceiling_step_ms", "decode_vs_ceiling", "peak_memory_gib"):
         value = result[key]
         print(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
 

@@ -230,10 +230,12 @@ class SteeringVectorRL(OnPolicyModule):
         """Reference hidden states (exact KL) or log-probs (k3), and the log-ratio the ``reward``
         estimator folds into the reward."""
         batch = experience.rollout
-        with self.reference(), recording_layer_input(self.policy, self.steering.layer) as entering:
+        share = self.share_lower_layers and self.steering.layer > 0  # nothing below layer 0 to skip
+        record = recording_layer_input(self.policy, self.steering.layer) if share else nullcontext([])
+        with self.reference(), record as entering:
             ref_hidden = response_hidden_states(self.policy, batch)
-        layer_input = entering[0] if self.share_lower_layers and self.steering.layer > 0 else None
-        if layer_input is not None:
+        layer_input = entering[0] if share else None
+        if share:
             experience.scores["layer_input"] = layer_input  # per position: [B, P + R, d]
         mask = batch.response_mask.bool()
         ref = self.token_stats(ref_hidden[mask], None, batch)
