@@ -8,7 +8,10 @@
 The forward pass follows the released SARM (github.com/schrieffer-z/sarm, ``modeling_sarm_llama.py``):
 the first L decoder layers of the base model (no final norm), per-token standardisation, the SAE's
 dense pre-activations or its TopK latents (``score_mode``), a linear score head without bias, read
-at the pooled position. Pooling rules of the authors' code:
+at the pooled position. Dense or TopK is the folder's own flag unless ``score_mode`` says (see
+:mod:`modules.sarm.checkpoint`). Text needs a tokenizer: the folder's own, or ``tokenizer`` (a Hub id
+or folder) for folders without one, such as the authors' training checkpoints; token ids need none
+(:meth:`SARMRewardModel.forward`). Pooling rules of the authors' code:
 
 - ``last``: the last token of the sequence, which must be the end-of-turn token (their code asserts
   ``<|eot_id|>``). Sequences are right-padded; the pooled position is the last attended one.
@@ -36,17 +39,16 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from modules.errors import UserError
-from modules.sarm.checkpoint import SAE_KEYS, SARMSpec, inspect_sarm_folder, load_tensors, resolve_sarm_source
+from modules.sarm.checkpoint import (POOLINGS, SAE_KEYS, SCORE_MODES, SARMSpec, inspect_sarm_folder, load_tensors,
+                                     resolve_sarm_source)
 from modules.sarm.sae import TopKSAE, standardise
-
-SCORE_MODES = ("auto", "topk", "dense")
-POOLINGS = ("auto", "last", "aggregate")
 
 
 @dataclass
@@ -137,7 +139,7 @@ class SARMRewardModel(nn.Module):
         self.use_topk = spec.use_topk if score_mode == "auto" else score_mode == "topk"
         self.pooling = spec.pooling if pooling == "auto" else pooling
         if self.use_topk and spec.k is None:
-            raise UserError(f"SARM '{spec.folder}' gives no sae_k in config.json: pass k (or use score_mode dense)")
+            raise UserError(f"SARM '{spec.folder}' gives no sae_k in config.json: pass k (or score_mode dense)")
         self.end_token_id = spec.end_token_id
         self.control = LatentControl()
         self.eval()
@@ -147,8 +149,12 @@ class SARMRewardModel(nn.Module):
     @classmethod
     def load(cls, source: str, dtype: str = "auto", device: str | torch.device | None = None,
              score_mode: str = "auto", pooling: str = "auto", k: int | None = None,
-             max_length: int = 2048) -> "SARMRewardModel":
-        """Load a SARM from a folder, ``embedded:<name>`` or a Hub id (bf16 on a GPU, fp32 on the CPU)."""
+             max_length: int = 2048, tokenizer: str | None = None) -> "SARMRewardModel":
+        """Load a SARM from a folder, ``embedded:<name>`` or a Hub id (bf16 on a GPU, fp32 on the CPU).
+
+        ``score_mode``, ``pooling`` and ``k`` win over the folder's config (``auto``/None: the config's);
+        ``tokenizer`` (Hub id, folder or ``embedded:<name>``) replaces the folder's own tokenizer.
+        """
         from transformers import LlamaConfig, LlamaModel
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -156,7 +162,7 @@ class SARMRewardModel(nn.Module):
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = resolve_dtype(dtype, device)
-        spec = inspect_sarm_folder(resolve_sarm_source(source), k=k)
+        spec = inspect_sarm_folder(resolve_sarm_source(source), k=k, score_mode=score_mode, pooling=pooling)
         config = LlamaConfig.from_dict(spec.llama_config)
         with torch.device("meta"):
             backbone = LlamaModel(config)
@@ -176,7 +182,7 @@ class SARMRewardModel(nn.Module):
         sae.load_state_dict({key[len("sae."):]: value for key, value in sae_weights.items()}, assign=True)
         score.load_state_dict({"weight": load_tensors(spec, ["score.weight"], torch_dtype, device)["score.weight"]},
                               assign=True)
-        return cls(spec, backbone, sae, score, _load_tokenizer(spec), score_mode, pooling, max_length)
+        return cls(spec, backbone, sae, score, load_sarm_tokenizer(spec, tokenizer), score_mode, pooling, max_length)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -198,6 +204,7 @@ class SARMRewardModel(nn.Module):
 
     def describe(self) -> str:
         mode = f"TopK k={self.spec.k}" if self.use_topk else "dense"
+        mode += f" (from {self.spec.mode_from})" if self.spec.mode_from else ""
         return (f"SARM {self.spec.folder.name}: {self.spec.source_layer} layers, hidden {self.spec.hidden_size}, "
                 f"{self.latent_size} latents, {mode}, {self.pooling} pooling")
 
@@ -221,7 +228,7 @@ class SARMRewardModel(nn.Module):
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> SARMBatch:
         """Tokenize (prompt, response) conversations with the SARM's chat template, right-padded."""
         if self.tokenizer is None:
-            raise UserError(f"SARM folder '{self.spec.folder}' holds no tokenizer: score token ids with forward()")
+            raise UserError(missing_tokenizer_message(self.spec.folder))
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         rows, starts = [], []
@@ -307,15 +314,44 @@ class SARMRewardModel(nn.Module):
         return SARMOutput.concat(parts)
 
 
-def _load_tokenizer(spec: SARMSpec):
-    if not any(spec.folder.glob("tokenizer*")):
-        return None
+def _has_tokenizer(folder: Path) -> bool:
+    return any(folder.glob("tokenizer*"))
+
+
+def missing_tokenizer_message(folder: Path) -> str:
+    """The one line for a SARM without a tokenizer: which option to pass (and a likely value)."""
+    parent = folder.parent
+    hint = f"; its parent folder holds one: tokenizer: {parent}" if _has_tokenizer(parent) else ""
+    return (f"SARM folder '{folder}' holds no tokenizer, which scoring text needs: pass the tokenizer option "
+            f"(--tokenizer for the sarm-* commands), a Hub id or folder such as the SARM's base model{hint}")
+
+
+def load_sarm_tokenizer(spec: SARMSpec, tokenizer: str | None = None):
+    """``tokenizer`` (Hub id, folder or ``embedded:<name>``) where given, else the SARM folder's own (None
+    when it has none); the pad token falls back to the end-of-sequence token."""
     from transformers import AutoTokenizer
 
+    if tokenizer is None and not _has_tokenizer(spec.folder):
+        return None
+    name = str(spec.folder) if tokenizer is None else tokenizer
+    path = Path(name).expanduser()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.folder)
+        if path.is_dir():
+            if not _has_tokenizer(path):
+                raise UserError(f"tokenizer folder '{name}' holds no tokenizer files (tokenizer.json, "
+                                "tokenizer_config.json)")
+            loaded = AutoTokenizer.from_pretrained(path)
+        else:
+            from modules.models.loading import load_tokenizer
+
+            loaded = load_tokenizer(name)
+    except UserError as err:
+        raise UserError(f"tokenizer '{name}': {err}") from None
     except (OSError, ValueError) as err:
-        raise UserError(f"could not load the tokenizer in '{spec.folder}' ({str(err).splitlines()[0]})") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+        raise UserError(f"could not load the tokenizer '{name}' ({str(err).strip().splitlines()[0]})") from None
+    if len(loaded) > spec.llama_config["vocab_size"]:
+        raise UserError(f"tokenizer '{name}' has {len(loaded)} tokens but the SARM's embedding only "
+                        f"{spec.llama_config['vocab_size']}: pass the tokenizer of the SARM's base model")
+    if loaded.pad_token is None:
+        loaded.pad_token = loaded.eos_token
+    return loaded

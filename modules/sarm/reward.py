@@ -42,7 +42,7 @@ import torch
 
 from modules.errors import UserError
 from modules.rewards import PendingRewards, RewardFunction, Rewards
-from modules.sarm.model import LatentControl, SARMRewardModel
+from modules.sarm.model import LatentControl, SARMRewardModel, missing_tokenizer_message
 from modules.sharding import rows_of_every_rank
 from modules.sarm.shaping import (as_float_list, as_id_list, check_feature_ids, feature_thresholds, kl_penalty,
                                   shaped_reward, threshold_penalty, active)
@@ -74,9 +74,12 @@ class SARMReward(RewardFunction):
         device: Where the SARM runs (default: the GPU if there is one).
         batch_size: Sequences per SARM forward pass.
         max_length: Longer conversations lose tokens from the left.
-        score_mode: ``auto`` (as the folder says), ``topk`` or ``dense``.
-        pooling: ``auto`` (as the folder says), ``last`` or ``aggregate``.
-        k: TopK k where the folder's config gives none.
+        score_mode: ``auto`` (the folder's ``sarm_use_activation``/``sarm_use_topk`` flag; an error where
+            it has none), ``topk`` or ``dense`` (wins over the flag).
+        pooling: ``auto`` (as the folder says, else ``last``), ``last`` or ``aggregate``.
+        k: TopK k (wins over the folder's ``sae_k``; needed where it gives none).
+        tokenizer: Tokenizer for the SARM's texts: a Hub id, a folder or ``embedded:<name>`` (default: the
+            SARM folder's own; needed for folders without one, such as the authors' training checkpoints).
         clamp_features, clamp_values: Latents set to these values before the score head.
         cap_features, cap_values: Latents capped at these values before the score head.
         penalize_features, tau_values, alpha_values: Penalty alpha_i where z_i > tau_i (one value
@@ -93,7 +96,7 @@ class SARMReward(RewardFunction):
 
     def __init__(self, model: str = "embedded:sarm-smollm2", dtype: str = "auto", device: str | None = None,
                  batch_size: int = 8, max_length: int = 2048, score_mode: str = "auto", pooling: str = "auto",
-                 k: int | None = None,
+                 k: int | None = None, tokenizer: str | None = None,
                  clamp_features: Sequence[int] | str | None = None, clamp_values: Sequence[float] | str | None = None,
                  cap_features: Sequence[int] | str | None = None, cap_values: Sequence[float] | str | None = None,
                  penalize_features: Sequence[int] | str | None = None, tau_values: Sequence[float] | str | None = None,
@@ -105,6 +108,7 @@ class SARMReward(RewardFunction):
         self.source, self.dtype, self.device = model, dtype, device
         self.batch_size, self.max_length, self.score_mode, self.pooling, self.k = (
             batch_size, max_length, score_mode, pooling, k)
+        self.tokenizer = tokenizer
         selected = read_selected_features(selected_features) if selected_features else {}
         penalize = as_id_list(penalize_features if penalize_features is not None else selected.get("penalize_features"))
         taus = as_float_list(tau_values if tau_values is not None else selected.get("tau_values"))
@@ -140,9 +144,9 @@ class SARMReward(RewardFunction):
         if self.rm is not None:
             return self.rm
         rm = SARMRewardModel.load(self.source, self.dtype, self.device, self.score_mode, self.pooling, self.k,
-                                  self.max_length)
+                                  self.max_length, self.tokenizer)
         if rm.tokenizer is None:
-            raise UserError(f"SARM '{self.source}' holds no tokenizer, which scoring text needs")
+            raise UserError(missing_tokenizer_message(rm.spec.folder))
         check_feature_ids(self.penalize_features, rm.latent_size, "penalize_features")
         self.control.validate(rm.latent_size)
         if self.kl_beta > 0:

@@ -8,7 +8,9 @@
     python cli.py sarm-best-of-n --n 4 --selected_features selected_features.json
 
 ``--sarm`` is a SARM folder, ``embedded:sarm-smollm2`` (the default) or a Hub id such as
-``Schrieffer/Llama-SARM-4B``. Problems a user can fix end in one :class:`UserError` line.
+``Schrieffer/Llama-SARM-4B``; ``--score_mode`` / ``--k`` win over its config, ``--tokenizer`` serves
+folders without a tokenizer (the authors' training checkpoints). Problems a user can fix end in one
+:class:`UserError` line.
 """
 
 from __future__ import annotations
@@ -48,12 +50,20 @@ def _add_sarm(parser: ArgumentParser) -> None:
     parser.add_argument("--dtype", type=str, default="auto", help="auto (bf16 on a GPU, fp32 on the CPU), bfloat16, float32.")
     parser.add_argument("--batch_size", type=int, default=8, help="Sequences per SARM forward pass.")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default; 1 is faster on a busy machine).")
+    parser.add_argument("--score_mode", type=str, default="auto",
+                        help="auto (the SARM's own TopK flag), topk or dense (wins over the flag).")
+    parser.add_argument("--k", type=int | None, default=None, help="TopK k (wins over the SARM's sae_k).")
+    parser.add_argument("--tokenizer", type=str | None, default=None,
+                        help="Tokenizer (Hub id or folder) for a SARM folder without one (default: the folder's own).")
 
 
-def _load_sarm(args):
-    from modules.sarm.model import SARMRewardModel
+def _load_sarm(args, scores_text: bool = True):
+    from modules.sarm.model import SARMRewardModel, missing_tokenizer_message
 
-    rm = SARMRewardModel.load(args.sarm, dtype=args.dtype)
+    rm = SARMRewardModel.load(args.sarm, dtype=args.dtype, score_mode=args.score_mode, k=args.k,
+                              tokenizer=args.tokenizer)
+    if scores_text and rm.tokenizer is None:  # fail before any work
+        raise UserError(missing_tokenizer_message(rm.spec.folder))
     print(rm.describe(), flush=True)
     return rm
 
@@ -165,7 +175,7 @@ def sarm_features(argv: list[str]) -> None:
     args = _parse(parser, argv)
     _threads(args.threads)
     pairs = read_preference_pairs(args.pairs) if args.pairs else None
-    rm = _load_sarm(args)
+    rm = _load_sarm(args, scores_text=bool(pairs))
     report = {"sarm": args.sarm, "head": head_candidates(rm, args.top)}
     print("score head, most negative weights: " + ", ".join(f"{r['feature']} ({r['weight']:+.3f})" for r in report["head"]["negative"]))
     print("score head, most positive weights: " + ", ".join(f"{r['feature']} ({r['weight']:+.3f})" for r in report["head"]["positive"]))
