@@ -6,7 +6,7 @@ subject's activations injected at the ` ?` placeholders of its prompt (layer 1, 
 answers ``[epistemic status: X] Answer``. Each update (see :mod:`modules.on_policy`):
 
     collect      per micro-batch: extract the rows' activations (subject), build the oracle prompts,
-                 sample ``samples_per_prompt`` (G) replies per row with the injection on the prompt
+                 sample ``samples_per_prompt`` (G >= 2) replies per row with the injection on the prompt
                  pass; reward = informativeness - lambda * (X/10 - informativeness)^2
                  (:class:`modules.oracle.reward.OracleReward`; unparseable replies get a penalty)
     score        reference log-probs (the starting adapter, a frozen second copy, injection on) when
@@ -25,7 +25,8 @@ Where this departs from seed 002 and TRL:
    reference.
 2. The default loss is Dr. GRPO's (``loss_type: dr_grpo``, ``scale_rewards: none``) as the seed
    used; TRL's defaults differ. Invalid samples (judge failures) carry no weight in any
-   normaliser (see :mod:`modules.rl.grpo`, departure 1).
+   normaliser, where TRL counts their rows and tokens; with several ranks the normalisers count
+   every rank's replies or tokens (see :mod:`modules.rl.grpo`, departures 1 and 2).
 3. Each row reads one extraction layer chosen by a seeded hash of the row (the same in every
    rollout of a run); the seed drew a layer per use.
 4. The format system prompt comes from the adapter's ``ao_config.json`` (written by our SFT stage)
@@ -36,13 +37,13 @@ Where this departs from seed 002 and TRL:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from modules.errors import UserError
+from modules.files import write_json_atomically
 from modules.models.adapters import LoRAPolicy
 from modules.oracle.batch import build_oracle_batch, injection_from_records
 from modules.oracle.calibration import (brier_score, calibration_summary, format_reliability_table,
@@ -126,6 +127,7 @@ class OracleGRPO(LoRAMethod):
         loop_options.setdefault("lr", 1e-5)
         super().__init__(**loop_options)
         self.save_hyperparameters(ignore=["reward"])
+        grpo.check_group_size(self.samples_per_prompt)
         self.aggregate = grpo.loss_aggregation(loss_type)
         if scale_rewards not in grpo.REWARD_SCALES:
             raise UserError(f"unknown scale_rewards '{scale_rewards}': use one of {', '.join(grpo.REWARD_SCALES)}")
@@ -207,10 +209,14 @@ class OracleGRPO(LoRAMethod):
 
     def update(self, batch: Experience) -> dict[str, float]:
         """``num_iterations`` passes, each ``num_minibatches`` optimizer steps; a chunk's loss is its
-        share of its step's loss (normalised by counts of the whole step)."""
+        share of its step's loss, normalised by counts over every rank (``dapo``: by the valid tokens
+        of the whole rollout batch, TRL's generation batch; see :class:`modules.rl.grpo.UpdateTotals`)."""
+        length = self.sampling.max_new_tokens
+        generation = grpo.update_totals([batch.rollout.response_mask], [batch.valid], length, self.reduce_sum)
+
         def step(iteration: int, chunks: list[Experience]) -> dict[str, float]:
             totals = grpo.update_totals([c.rollout.response_mask for c in chunks], [c.valid for c in chunks],
-                                        self.sampling.max_new_tokens)
+                                        length, self.reduce_sum, generation.generation_tokens)
             return self.optimizer_step_on(chunks, lambda chunk: self.chunk_loss(chunk, iteration, totals),
                                           losses_are_shares=True)
 
@@ -267,9 +273,8 @@ class OracleGRPO(LoRAMethod):
             scored = rows[:, 0].bool()
             table = reliability_table(rows[scored, 1], rows[scored, 2])
             folder = run_dir / "reliability"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"update{update:06d}.json").write_text(json.dumps(
-                {"update": update, "replies": int(len(rows)), "brier": brier_score(rows[scored, 1], rows[scored, 2]),
-                 "table": table_as_dicts(table)}, indent=2))
+            write_json_atomically(folder / f"update{update:06d}.json", {
+                "update": update, "replies": int(len(rows)), "brier": brier_score(rows[scored, 1], rows[scored, 2]),
+                "table": table_as_dicts(table)})
             reliability_diagram(table, folder / f"update{update:06d}.png", title=f"training rollouts up to update {update}")
             self._calibration = []

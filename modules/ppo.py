@@ -14,7 +14,8 @@ an SFT adapter) and a scalar value head on its final hidden state. Each update (
 
     loss = pg_clip + value_coef * value_clip - entropy_coef * entropy  (+ kl_coef * KL if a loss term)
 
-with the math in :mod:`modules.rl.ppo` (TRL's definitions where they overlap).
+with the math in :mod:`modules.rl.ppo` (TRL's definitions where they overlap, apart from the
+score's position: departure 8).
 
 Where this departs from TRL's PPOTrainer and seed 003:
 
@@ -34,6 +35,19 @@ Where this departs from TRL's PPOTrainer and seed 003:
    ``target_kl`` ends the update early (as CleanRL's PPO does).
 7. ``rollouts: from_data`` trains on (prompt, response, reward) rows, as seed 003 did, with the
    same loss; such replies are not the policy's own, so the first ratio is 1 only by construction.
+8. The score sits on the last token of the response mask, which includes the sampled end-of-turn
+   token, and that token is in the policy loss and gets a KL reward. TRL's PPOTrainer differs for
+   every reply that ends in EOS: with pad == EOS (SmolLM2) it drops the EOS's log-prob from the
+   policy loss, the whitening and the KL rewards (score on the EOS, as ours); with pad != EOS it
+   puts the score one position later, on the first pad, and trains that position's value. The
+   rewards, advantages and losses of such rows therefore differ; replies cut at ``max_new_tokens``
+   are scored alike (exact formulas: :mod:`modules.rl.ppo`, departure 1).
+9. Whitening is over the rollout batch of every rank (TRL: each rank's own), and whitened rewards
+   use the response mask (TRL: one position more).
+10. Log-probs come from fp32 logits and the value head runs in fp32; rewards, advantages and
+    returns are fp32 (TRL keeps the model's dtype, bf16 under bf16 training).
+11. 0 where TRL gives NaN: the whitening of a single token, and a token mean over a chunk with no
+    valid token (TRL's ``masked_mean`` over an empty micro-batch is NaN).
 """
 
 from __future__ import annotations

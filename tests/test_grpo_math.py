@@ -85,6 +85,45 @@ def test_micro_batch_shares_sum_to_the_whole_batch_loss():
         assert split.item() == pytest.approx(agg(PER_TOKEN, MASK, whole).item())
 
 
+def test_dapo_divides_by_the_tokens_of_the_whole_generation_batch():
+    """Two optimizer steps of one rollout batch, 22 and 20 valid tokens: each step's dapo loss is its
+    token sum over all 42 (TRL's num_items_in_batch), not over its own tokens (22/22 and 40/20)."""
+    masks = [torch.ones(2, 11), torch.ones(2, 10)]
+    losses = [torch.ones(2, 11), torch.full((2, 10), 2.0)]
+    valid = torch.tensor([True, True])
+    whole = grpo.update_totals([masks[0], torch.nn.functional.pad(masks[1], (0, 1))], [valid, valid], 11)
+    assert whole.generation_tokens == 42
+    dapo = grpo.loss_aggregation("dapo")
+    steps = [dapo(loss, mask, grpo.update_totals([mask], [valid], 11, generation_tokens=whole.generation_tokens))
+             for loss, mask in zip(losses, masks)]
+    assert [s.item() for s in steps] == pytest.approx([22 / 42, 40 / 42])
+    assert sum(s.item() for s in steps) == pytest.approx((22 + 40) / 42)  # one pass: the batch's token mean
+
+
+def test_counts_are_summed_over_ranks_and_shares_scaled_by_the_world_size():
+    """Another rank with 3 valid replies and 9 valid tokens: the reduce sums (ranks, replies, tokens);
+    DDP averages the ranks' gradients, so a rank's share is multiplied by the 2 ranks."""
+    other = torch.tensor([1.0, 3.0, 9.0], dtype=torch.float64)
+    totals = grpo.update_totals([MASK], [torch.tensor([True, True])], 5, reduce=lambda t: t + other)
+    assert totals == grpo.UpdateTotals(num_replies=5, generation_tokens=13, num_micro_batches=1,
+                                       max_completion_length=5, world_size=2)
+    expected = {"grpo": (2 + 4) * 2 / 5, "dr_grpo": 10 * 2 / (5 * 5), "dapo": 10 * 2 / 13,
+                "bnpo": 10 / 4}  # bnpo: this rank's micro-batch mean, which the mean over ranks weighs
+    for name, value in expected.items():
+        assert grpo.loss_aggregation(name)(PER_TOKEN, MASK, totals).item() == pytest.approx(value), name
+    twin = grpo.update_totals([MASK], [torch.tensor([True, True])], 5, reduce=lambda t: 2 * t)
+    for name in expected:  # two identical ranks: each rank's share is the one-rank loss
+        agg = grpo.loss_aggregation(name)
+        alone = grpo.update_totals([MASK], [torch.tensor([True, True])], 5)
+        assert agg(PER_TOKEN, MASK, twin).item() == pytest.approx(agg(PER_TOKEN, MASK, alone).item()), name
+
+
+def test_a_group_of_one_reply_is_refused():
+    with pytest.raises(UserError, match="samples_per_prompt >= 2, got 1"):
+        grpo.check_group_size(1)
+    grpo.check_group_size(2)
+
+
 def test_unknown_loss_type_is_one_line_error():
     with pytest.raises(UserError, match="loss_type"):
         grpo.loss_aggregation("ppo")
@@ -153,7 +192,7 @@ def test_invalid_reply_has_no_weight():
                                  torch.tensor([True, False]), beta=0.5)
     assert torch.equal(terms.weight, torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
     totals = grpo.update_totals([torch.ones(2, 2)], [torch.tensor([True, False])], 2)
-    assert totals.num_replies == 1 and totals.num_tokens == 2
+    assert totals.num_replies == 1 and totals.generation_tokens == 2
     grpo.loss_aggregation("dapo")(terms.loss, terms.weight, totals).backward()
     assert torch.equal(logp.grad[1], torch.zeros(2))
 

@@ -86,6 +86,29 @@ def test_groups_are_sampled_together_and_extracted_once(tiny_llama_dir, start_ad
         tiny_oracle(tiny_llama_dir, start_adapter, samples_per_prompt=3)
 
 
+def test_dapo_steps_divide_by_the_rollout_batch_tokens_of_every_rank(tiny_llama_dir, start_adapter, tmp_path):
+    """Two optimizer steps per update and a second rank simulated by a reduce that doubles (a twin
+    rank): every step's totals count both ranks, and dapo's the whole rollout batch's tokens."""
+    module = tiny_oracle(tiny_llama_dir, start_adapter, loss_type="dapo", num_minibatches=2, total_updates=1,
+                         update_batch_size=2, reward=length_reward())
+    module.reduce_sum = lambda tensor: 2 * tensor
+    seen, aggregate = [], module.aggregate
+    module.aggregate = lambda loss, weight, totals: seen.append(totals) or aggregate(loss, weight, totals)
+    fit(module, tmp_path, train_file=TRAIN, jsonl_field="question")
+    batch = module.last_experiences[0]
+    tokens = int((batch.rollout.response_mask.cpu() * batch.valid[:, None]).sum())
+    assert len(seen) == 2 * 2 and batch.valid.all()  # 2 steps x 2 chunks of 2 rows
+    for totals in seen:
+        assert totals.world_size == 2 and totals.num_micro_batches == 2
+        assert totals.generation_tokens == 2 * tokens  # not one step's (about half of it), not one rank's
+        assert totals.num_replies == 2 * 4  # the step's 4 valid replies on each rank
+
+
+def test_a_group_of_one_reply_is_refused_at_construction():
+    with pytest.raises(UserError, match="GRPO needs samples_per_prompt >= 2, got 1"):
+        OracleGRPO(model="no-such-model", samples_per_prompt=1, batch_size=2)  # refused before any loading
+
+
 def test_runs_of_same_row():
     a, b = {"q": 1}, {"q": 1}  # equal but distinct rows stay distinct
     assert runs_of_same_row([a, a, b, b, b]) == ([a, b], [0, 0, 1, 1, 1])
@@ -156,6 +179,7 @@ def _rows(tmp_path: Path, drop: str) -> str:
 @pytest.mark.parametrize("model,drop,message", [
     ({"layer_percents": [150]}, None, "150"),
     ({"samples_per_prompt": 3}, None, "samples_per_prompt (3) must divide batch_size (2)"),
+    ({"samples_per_prompt": 1}, None, "GRPO needs samples_per_prompt >= 2, got 1"),
     ({"loss_type": "ppo"}, None, "model.loss_type: Expected a typing.Literal"),
     ({}, "context", "train data row 1: an oracle row needs a non-empty 'context'"),
     ({"reward": {"class_path": "modules.oracle.reward.OracleReward"}}, "answer",

@@ -141,3 +141,17 @@ def test_prompt_batch_split_drops_padding_columns():
     assert parts[0].input_ids.tolist() == [[0, 5], [6, 7]]
     assert parts[1].input_ids.tolist() == [[8, 9, 9]]
     assert all(p.index == 4 for p in parts)
+
+
+def test_ppo_departures_from_trl_are_as_documented():
+    """modules/rl/ppo.py departures 1 and 4: the score on the end-of-turn token, which is in the mask
+    (TRL, with pad == EOS, leaves it out of the loss); 0 where TRL's statistics give NaN."""
+    from modules.rl import ppo
+
+    mask = response_mask_from_ids(torch.tensor([[7, 8, 2, 2]]), stop_ids=[2])  # EOS (= pad) at index 2
+    assert mask.tolist() == [[1, 1, 1, 0]]
+    rewards = ppo.per_token_rewards(torch.tensor([1.0]), torch.tensor([[0.1, 0.2, 0.3, 0.0]]), mask)
+    assert rewards.tolist()[0] == pytest.approx([-0.1, -0.2, 0.7, 0.0])  # TRL: [-0.1, -0.2, 1.0, 0]
+    one = torch.tensor([[0.0, 1.0]])
+    assert ppo.masked_whiten(torch.tensor([[5.0, 3.0]]), one).tolist() == [[0.0, 0.0]]  # TRL: NaN
+    assert ppo.masked_token_mean(torch.tensor([[5.0, 3.0]]), torch.zeros(1, 2)).item() == 0.0  # TRL: NaN

@@ -14,26 +14,41 @@ Checked against TRL's ``GRPOTrainer`` (huggingface/trl at f2cd577, version 1.10.
   ``k3 = exp(ref - logp) - (ref - logp) - 1`` (TRL's per-token KL; :func:`modules.rl.kl.k3_kl`).
 - Aggregation (``loss_type``): ``grpo`` = token mean per reply, then mean over replies;
   ``bnpo`` = token mean over the micro-batch; ``dr_grpo`` = token sum / (replies x
-  ``max_completion_length``); ``dapo`` = token sum / tokens of the whole (accumulated) batch.
+  ``max_completion_length``); ``dapo`` = token sum / completion tokens of the whole generation
+  (rollout) batch gathered over ranks (TRL's ``num_items_in_batch``), whichever optimizer step of
+  the batch the tokens are in.
+- Ranks: DDP (and FSDP, DeepSpeed) average the gradients of the ranks, so a rank's loss is its
+  share of the loss of the whole batch times the number of ranks (TRL divides ``dapo``'s
+  normaliser by ``num_processes``); the counts in the normalisers are summed over ranks, and the
+  gradient equals that of one process on the concatenated batch.
 
 Where we depart from TRL, and why:
 
 1. Invalid samples (a judge that finally failed) get advantage 0 *and no weight*: they are left
    out of every group statistic and every normaliser, and their tokens carry no loss (no KL term
-   either). TRL zeroes their advantage but still counts their rows in ``dr_grpo``'s and ``grpo``'s
-   denominators and keeps their KL term.
-2. Normalisers are quantities of the whole update (:class:`UpdateTotals`), not of the micro-batch
-   divided by the number of accumulation steps: the micro-batch losses of one update *sum* to the
-   update's loss. With equal micro-batches and no invalid samples this is exactly TRL's value;
-   otherwise ours weighs every reply (``grpo``, ``dr_grpo``) or token (``dapo``) of the update
-   equally, where TRL weighs micro-batches equally. ``bnpo`` keeps TRL's per-micro-batch token mean
-   (divided by the number of micro-batches), as its definition is micro-batch-local.
+   either). TRL zeroes their advantage (an unscorable completion) but keeps the row: it counts in
+   ``grpo``'s mean over replies and in ``dr_grpo``'s replies x ``max_completion_length``, its
+   tokens count in ``bnpo``'s token mean and in ``dapo``'s ``num_items_in_batch``, and its KL term
+   stays in the loss. With an invalid sample in the batch every ``loss_type`` therefore differs.
+2. ``grpo`` and ``dr_grpo`` divide by the valid replies of the whole optimizer step over all ranks
+   (:class:`UpdateTotals`), where TRL divides each micro-batch by its own rows and by the number
+   of accumulation steps: the same when every reply is valid (TRL's micro-batches have equal
+   rows); otherwise ours weighs every valid reply of the step equally, TRL every micro-batch.
+   ``dapo`` is TRL's (over all ranks and the whole generation batch: with ``num_minibatches > 1``
+   one step's loss is its tokens' sum over the batch's tokens, so the losses of one pass's steps
+   add up to the batch's token mean). ``bnpo`` is TRL's per-micro-batch token mean divided by the
+   micro-batches of the step (a micro-batch is an ``update_batch_size`` chunk); the mean over
+   ranks weighs every rank's micro-batches equally, as TRL's does.
 3. ``num_iterations``: on the first pass over a rollout batch the ratio is exactly 1
    (``old_logp = logp.detach()``, as TRL does when ``num_iterations == 1``); later passes use the
    score pass's log-probs (:func:`old_logprobs_for`). TRL takes the generation-time log-probs for
    every pass when ``num_iterations > 1``; those equal ours on the first pass up to rounding.
 4. Only the ``token``-level importance ratio; TRL's ``sequence`` level (GSPO), ``delta``
    two-sided clipping, and the ``cispo``/``sapo``/``luspo``/``vespo`` losses are not offered.
+5. Log-probs come from logits cast to fp32 (TRL takes the log-softmax in the model's dtype, bf16
+   under bf16 training), and rewards and advantages are fp32.
+6. A group of one reply has advantage 0 (nothing to compare with), so ``samples_per_prompt`` must
+   be at least 2 (:func:`check_group_size`); TRL requires ``num_generations`` >= 2 likewise.
 
 Variants are chosen once, by name, from :data:`REWARD_SCALES` and :data:`LOSS_AGGREGATIONS`.
 """
@@ -46,6 +61,7 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from modules.errors import UserError
+from modules.rl.advantages import Reduce, no_reduce
 from modules.rl.kl import k3_kl
 
 ScaleRewards = Literal["group", "batch", "none"]
@@ -67,6 +83,13 @@ def check_samples_per_prompt(samples_per_prompt: int, micro_batch_size: int) -> 
     if micro_batch_size % samples_per_prompt:
         raise UserError(f"samples_per_prompt ({samples_per_prompt}) must divide the micro-batch size "
                         f"({micro_batch_size}) so that no group is split across micro-batches")
+
+
+def check_group_size(samples_per_prompt: int) -> None:
+    """Refuse groups of one reply: their advantage is always 0, so training would change nothing."""
+    if samples_per_prompt < 2:
+        raise UserError(f"GRPO needs samples_per_prompt >= 2, got {samples_per_prompt}: a group of one reply has "
+                        "advantage 0, so training would change nothing")
 
 
 def check_groups_within(group_ids: Sequence[int] | torch.Tensor, chunk_size: int) -> None:
@@ -237,28 +260,47 @@ def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp:
 # -- aggregation over tokens and replies -------------------------------------------------------
 @dataclass(frozen=True)
 class UpdateTotals:
-    """Counts over the whole update (every micro-batch of one optimizer step, every pass)."""
+    """The normalisers' counts of one optimizer step, summed over every rank."""
 
     num_replies: int
-    """Valid replies in the update."""
-    num_tokens: int
-    """Response tokens of valid replies in the update."""
+    """Valid replies of the optimizer step (every micro-batch of the step, every rank)."""
+    generation_tokens: int
+    """Response tokens of valid replies of the whole generation (rollout) batch, every rank:
+    ``dapo``'s normaliser (TRL's ``num_items_in_batch``)."""
     num_micro_batches: int
+    """Micro-batches of the step on this rank (``bnpo``)."""
     max_completion_length: int
     """Dr. GRPO's constant (the generation limit, ``max_new_tokens``)."""
+    world_size: int = 1
+    """Ranks whose gradients are averaged: a rank's share of a loss summed over ranks is multiplied by it."""
+
+
+def valid_token_count(response_mask: torch.Tensor, valid: torch.Tensor) -> int:
+    """Response tokens of the valid replies of a [B, T] mask."""
+    return int((response_mask * valid.to(response_mask.device, response_mask.dtype)[:, None]).sum())
 
 
 def update_totals(response_masks: Sequence[torch.Tensor], valids: Sequence[torch.Tensor],
-                  max_completion_length: int) -> UpdateTotals:
-    """:class:`UpdateTotals` from each micro-batch's [B, T] response mask and [B] valid flags."""
+                  max_completion_length: int, reduce: Reduce = no_reduce,
+                  generation_tokens: int | None = None) -> UpdateTotals:
+    """:class:`UpdateTotals` from each micro-batch's [B, T] response mask and [B] valid flags of one step.
+
+    Args:
+        reduce: Sums a tensor over ranks (the identity on one process); the world size is its sum of ones.
+        generation_tokens: Valid response tokens of the whole generation batch over all ranks; None:
+            the step is the whole generation batch (its tokens, summed by ``reduce``).
+    """
     replies = sum(int(v.sum()) for v in valids)
-    tokens = sum(int((m * v.to(m.device, m.dtype)[:, None]).sum()) for m, v in zip(response_masks, valids))
-    return UpdateTotals(replies, tokens, len(response_masks), max_completion_length)
+    tokens = sum(valid_token_count(m, v) for m, v in zip(response_masks, valids))
+    counts = torch.tensor([1.0, replies, tokens], dtype=torch.float64, device=response_masks[0].device)
+    world, replies, tokens = (round(x) for x in reduce(counts).tolist())
+    return UpdateTotals(replies, tokens if generation_tokens is None else generation_tokens, len(response_masks),
+                        max_completion_length, world)
 
 
 def _grpo(loss: torch.Tensor, weight: torch.Tensor, totals: UpdateTotals) -> torch.Tensor:
     per_reply = (loss * weight).sum(-1) / weight.sum(-1).clamp(min=1)
-    return per_reply.sum() / max(totals.num_replies, 1)
+    return per_reply.sum() * totals.world_size / max(totals.num_replies, 1)
 
 
 def _bnpo(loss: torch.Tensor, weight: torch.Tensor, totals: UpdateTotals) -> torch.Tensor:
@@ -266,11 +308,11 @@ def _bnpo(loss: torch.Tensor, weight: torch.Tensor, totals: UpdateTotals) -> tor
 
 
 def _dr_grpo(loss: torch.Tensor, weight: torch.Tensor, totals: UpdateTotals) -> torch.Tensor:
-    return (loss * weight).sum() / max(totals.num_replies * totals.max_completion_length, 1)
+    return (loss * weight).sum() * totals.world_size / max(totals.num_replies * totals.max_completion_length, 1)
 
 
 def _dapo(loss: torch.Tensor, weight: torch.Tensor, totals: UpdateTotals) -> torch.Tensor:
-    return (loss * weight).sum() / max(totals.num_tokens, 1)
+    return (loss * weight).sum() * totals.world_size / max(totals.generation_tokens, 1)
 
 
 LOSS_AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, UpdateTotals], torch.Tensor]] = {
@@ -280,7 +322,8 @@ LOSS_AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, UpdateTotals]
     "dapo": _dapo,
 }
 """``loss_type`` -> ``f(per_token_loss [B, T], weight [B, T], totals) -> scalar``: one micro-batch's
-share of the update's loss (the shares of an update sum to its loss)."""
+share of the step's loss on its rank, times the world size (the shares of a step sum, and their
+mean over ranks is the step's loss)."""
 
 
 def loss_aggregation(loss_type: LossType) -> Callable[[torch.Tensor, torch.Tensor, UpdateTotals], torch.Tensor]:
