@@ -60,7 +60,7 @@ def run_training(argv: list[str] | None) -> None:
     from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.utilities import rank_zero_only
 
-    from callbacks.checkpoints import resolve_resume
+    from callbacks.checkpoints import check_checkpoint_fits, resolve_resume
     from callbacks.progress import UpdateProgressBar
     import datamodules.prompts  # noqa: F401  (registers the subclasses for --help and short names)
     import modules.oracle_grpo  # noqa: F401
@@ -91,7 +91,17 @@ def run_training(argv: list[str] | None) -> None:
             if config.get("enable_progress_bar") is not False and not any(
                     isinstance(c, ProgressBar) for c in configured + callbacks):
                 callbacks = [*callbacks, UpdateProgressBar()]
-            return super()._instantiate_trainer(config, callbacks)
+            try:
+                return super()._instantiate_trainer(config, callbacks)
+            except ValueError as err:
+                if "invalid strategy name" not in str(err):
+                    raise
+                from lightning.pytorch.strategies import StrategyRegistry
+
+                common = [n for n in sorted(StrategyRegistry.available_strategies())
+                          if not any(part in n for part in ("find_unused", "xla", "tpu", "notebook", "fork"))]
+                raise UserError(f"trainer.strategy: unknown strategy {config.get('strategy')!r}; choose one of auto, "
+                                f"{', '.join(common)}") from None
 
         def _parse_ckpt_path(self) -> None:
             """Refuse an unreadable ``--ckpt_path FILE`` at once. Unlike LightningCLI, the model's
@@ -112,6 +122,8 @@ def run_training(argv: list[str] | None) -> None:
                 raise UserError(f"{checkpoints} already holds checkpoints: resume with --ckpt_path last, "
                                 "or start a new run with another --run_name")
             ckpt_path, note = resolve_resume(config.ckpt_path, checkpoints)
+            if ckpt_path is not None:
+                check_checkpoint_fits(ckpt_path, self.model)
             self.model.preflight(self.datamodule)
             self.config_init.fit.ckpt_path = ckpt_path
             if rank_zero_only.rank == 0:
@@ -126,6 +138,7 @@ def run_training(argv: list[str] | None) -> None:
             if self.subcommand != "fit":
                 return
             run_dir = str(Path(config.output_dir) / config.run_name)
+            check_writable_folder(Path(run_dir))
             config.trainer.default_root_dir = run_dir
             if config.trainer.logger in (None, True):
                 config.trainer.logger = _default_loggers(run_dir, config.run_name, config.wandb_project)
@@ -141,6 +154,24 @@ def run_training(argv: list[str] | None) -> None:
         args=argv,
         auto_configure_optimizers=False,
     )
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Refuse, before anything is written, a run folder that cannot be made or written: a part of its
+    path that is a file, or a place where nothing may be created (read-only, not permitted)."""
+    import tempfile
+
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"the run folder {folder} cannot be made: {existing} is a file, not a folder "
+                        "(pick another --output_dir or --run_name)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".rli-write-check-", dir=existing))  # the one sure test, also for root
+    except OSError as err:
+        raise UserError(f"the run folder {folder} cannot be written: {existing} is not writable "
+                        f"({err.strerror or err}); pick another --output_dir") from None
 
 
 def _default_loggers(run_dir: str, run_name: str, wandb_project: str | None) -> list[dict]:
@@ -229,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
             run_training(argv)
     except FileNotFoundError as err:  # e.g. a --ckpt_path that does not exist
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # a full disk, a folder that became read-only: the system's own words, one line
+        print(f"error: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
         sys.exit(2)
     except ArgumentError as err:
         print(f"error: {describe_config_error(str(err))} (python cli.py fit --help lists the fields)", file=sys.stderr)

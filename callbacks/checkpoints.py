@@ -19,8 +19,12 @@ uninterrupted run writes. What happens at a checkpoint update, in order:
 3. ``checkpoints/update{N:06d}.ckpt``, then ``checkpoints/last.ckpt``; each records how many
    ``metrics.csv`` rows were on disk.
 
-Every file is written to a hidden ``.<name>.partial`` and renamed into place, so no truncated file
-ever carries a real name; leftover ``.partial`` files are removed when a run (re)starts. A resumed
+Every file is written to a hidden ``.<name>.partial`` in its own folder and renamed into place, so no
+truncated file ever carries a real name and nothing is left outside the run folder (Lightning's own
+writer would stage each checkpoint in ``$TMPDIR`` first: :class:`PartialFileCheckpointIO` replaces
+it); leftover ``.partial`` files are removed when a run (re)starts. A write that fails (a full disk)
+removes its ``.partial`` file and stops the run with one line naming the last good checkpoint,
+which is left as it was. A resumed
 run cuts ``metrics.csv`` back to the rows its checkpoint counted and computes every later update
 again, identically, rewriting its exports. :func:`resolve_resume` picks the checkpoint for
 ``--ckpt_path last`` (``last.ckpt``, else the newest readable ``update*.ckpt``) and refuses an
@@ -35,10 +39,13 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.resumable_csv import ResumableCSVLogger
@@ -109,6 +116,20 @@ def resolve_resume(ckpt_path: str | None, checkpoint_dir: str | Path) -> tuple[s
     return None, f"note: no readable checkpoint in {folder}{why}: training from the first update"
 
 
+def check_checkpoint_fits(ckpt_path: str, module) -> None:
+    """Refuse, before anything is written, a checkpoint file that lacks this module's trainable state
+    (one written by another method, or with other options). DeepSpeed's folders are checked on load."""
+    if Path(ckpt_path).is_dir() or not Path(ckpt_path).is_file():
+        return
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    missing = module.checkpointed_keys() - set(checkpoint.get("state_dict", {}))
+    if missing:
+        writer = checkpoint.get("on_policy", {}).get("method")
+        by = f"written by {writer}, " if writer and writer != type(module).__name__ else ""
+        raise UserError(f"--ckpt_path {ckpt_path} does not fit {type(module).__name__} ({by}it lacks "
+                        f"{sorted(missing)[:3]}): resume with the config that wrote it, or start a new run")
+
+
 def remove_partial_files(run_dir: str | Path) -> list[Path]:
     """Delete the ``.<name>.partial`` files and folders that a killed run left in ``run_dir`` and its
     subfolders (one level down: checkpoints/, vectors/, adapters/)."""
@@ -124,6 +145,22 @@ def remove_partial_files(run_dir: str | Path) -> list[Path]:
                 path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+class PartialFileCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing a local file in place (flushed to disk) instead of through
+    fsspec's transaction, which stages it in ``$TMPDIR`` (left there for good by a kill, and copied
+    across file systems when the run folder is on another one). :class:`EvenlySpacedCheckpoint`
+    writes only to a ``.partial`` name and renames it, so the write itself need not be atomic."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
 
 
 class EvenlySpacedCheckpoint(ModelCheckpoint):
@@ -160,6 +197,8 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._resolve_dirpath(trainer)
         super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own plugin is kept
+            trainer.strategy.checkpoint_io = PartialFileCheckpointIO()
         self.save_updates = evenly_spaced_steps(pl_module.total_updates, self.num_checkpoints)
         if trainer.is_global_zero and stage == "fit":
             remove_partial_files(Path(self.dirpath).parent)
@@ -188,13 +227,16 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
         update = pl_module.rollout_batches_done
         if update not in self.save_updates or update == self._last_update_saved or trainer.sanity_checking:
             return
-        if trainer.is_global_zero:
-            self._write_metrics_row(trainer)
-        if self.export:
-            with pl_module.whole_weights():  # every rank gathers sharded weights; rank 0 writes
-                if trainer.is_global_zero:
-                    pl_module.export_artifacts(Path(self.dirpath).parent, update,
-                                               final=update == pl_module.total_updates)
+        try:
+            if trainer.is_global_zero:
+                self._write_metrics_row(trainer)
+            if self.export:
+                with pl_module.whole_weights():  # every rank gathers sharded weights; rank 0 writes
+                    if trainer.is_global_zero:
+                        pl_module.export_artifacts(Path(self.dirpath).parent, update,
+                                                   final=update == pl_module.total_updates)
+        except OSError as err:
+            raise self._write_failed(f"the files of update {update}", err) from None
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
@@ -234,7 +276,11 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         partial = os.path.join(os.path.dirname(filepath), "." + os.path.basename(filepath) + ".partial")
-        trainer.save_checkpoint(partial, self.save_weights_only)
+        try:
+            trainer.save_checkpoint(partial, self.save_weights_only)
+        except OSError as err:  # a full disk, a folder that became read-only: keep the last good one
+            _remove(partial)
+            raise self._write_failed(f"checkpoint {filepath}", err) from None
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             _replace(partial, filepath)
@@ -244,6 +290,11 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
 
+    def _write_failed(self, what: str, err: OSError) -> UserError:
+        last_good = resolve_resume("last", self.dirpath)[0] or "none (no checkpoint was written yet)"
+        return UserError(f"could not write {what} ({err.strerror or err}); the last good checkpoint is "
+                         f"{last_good}, left as it was: make room and resume with --ckpt_path last")
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "last_update_saved": self._last_update_saved, "csv_rows": self._csv_rows}
 
@@ -251,6 +302,13 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
         super().load_state_dict(state_dict)
         self._last_update_saved = state_dict.get("last_update_saved", -1)
         self._resumed_csv_rows = state_dict.get("csv_rows")
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.unlink(path)
 
 
 def _replace(source: str, destination: str) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from modules.files import save_figure_atomically
+
 _BARS = "▁▂▃▄▅▆▇█"
 DEFAULT_METRICS = ("reward/mean", "reward/ema", "kl/token", "response/length", "judge/failed")
 
@@ -97,7 +99,6 @@ class TrainingCurves(L.Callback):
             ax.grid(alpha=0.3)
         fig.axes[-1].set_xlabel("update")
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        save_figure_atomically(fig, path, dpi=110)
         plt.close(fig)
         print(f"  curves written to {path}")

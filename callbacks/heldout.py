@@ -11,7 +11,6 @@ comparison also holds the vector at other scales and saved vectors (e.g. CAA), a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from modules.errors import UserError
 from modules.evaluation import Intervention, evaluate_intervention
+from modules.files import write_json_atomically
 
 
 class HeldOutEvaluation(L.Callback):
@@ -112,9 +112,7 @@ class HeldOutEvaluation(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=max(update - 1, 0))  # the row of the update it follows
         root = Path(trainer.default_root_dir)
-        out = root / f"heldout_update{update:06d}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report.as_dict(), indent=2))
+        write_json_atomically(root / f"heldout_update{update:06d}.json", report.as_dict())
         if self.frontier_plot and len(report.comparison.get("arms", [])) > 2:
             from modules.frontier import plot_frontier
 

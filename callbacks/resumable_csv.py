@@ -22,15 +22,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-
-def write_text_atomically(path: str, text: str) -> None:
-    """``text`` into ``path`` through ``.<name>.partial`` + fsync + rename: never half a file."""
-    partial = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".partial")
-    with open(partial, "w", newline="") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
+from modules.files import write_text_atomically
 
 
 def _step_of(row: dict) -> int | None:

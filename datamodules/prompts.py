@@ -12,6 +12,7 @@ prompts are left-padded, which generation and the steering position rules expect
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Iterator
 
@@ -21,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from modules.errors import UserError
 from modules.on_policy import PromptBatch
+
+log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRAIN = "datamodules/data/sycophancy_train.txt"
@@ -198,14 +201,48 @@ class PromptDataModule(L.LightningDataModule):
         return batch
 
 
+_warned_cut = False
+
+
+def _templated(tokenizer, prompt: str, system_prompt: str | None) -> str:
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _token_count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def fit_prompts(tokenizer, prompts: list[str], system_prompt: str | None, max_tokens: int) -> list[str]:
+    """Each prompt cut from the left (its end kept) so that, in the chat template, it takes at most
+    ``max_tokens`` tokens; the cut text is what the policy reads *and* what a judge scores."""
+    global _warned_cut
+    out = []
+    for prompt in prompts:
+        excess = _token_count(tokenizer, _templated(tokenizer, prompt, system_prompt)) - max_tokens
+        original = prompt
+        for _ in range(4):  # re-tokenizing a cut text can differ by a token at the cut: check again
+            if excess <= 0:
+                break
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            prompt = tokenizer.decode(ids[min(len(ids), excess):])
+            excess = _token_count(tokenizer, _templated(tokenizer, prompt, system_prompt)) - max_tokens
+        if prompt != original and not _warned_cut:
+            _warned_cut = True
+            log.warning("a prompt of %d tokens was cut from the left to fit max_prompt_tokens=%d with the chat "
+                        "template; the policy and the judge both see the cut text (said once)",
+                        _token_count(tokenizer, original), max_tokens)
+        out.append(prompt)
+    return out
+
+
 def encode_prompts(tokenizer, prompts: list[str], system_prompt: str | None = None, max_tokens: int = 512,
                    index: int = 0) -> PromptBatch:
-    """Chat template (with the assistant header), tokenized and left-padded."""
-    texts = []
-    for prompt in prompts:
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": prompt}]
-        texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    """Chat template (with the assistant header), tokenized and left-padded; a prompt too long for
+    ``max_tokens`` is cut from the left (:func:`fit_prompts`), and the batch carries the cut text."""
+    prompts = fit_prompts(tokenizer, prompts, system_prompt, max_tokens)
+    texts = [_templated(tokenizer, prompt, system_prompt) for prompt in prompts]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     truncation_side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
     try:

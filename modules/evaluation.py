@@ -104,14 +104,18 @@ class Arm:
         return _mean(self.rewards)
 
     def se(self) -> float:
-        return _std(self.rewards) / math.sqrt(max(len(self.rewards), 1))
+        return _se(self.rewards)
 
 
 def _mean(values: list[float]) -> float:
-    return sum(values) / max(len(values), 1)
+    """The mean; NaN for no values (a report never shows 0 for what was not measured)."""
+    return sum(values) / len(values) if values else float("nan")
 
 
 def _std(values: list[float]) -> float:
+    """The sample std: 0 for one value (no spread to show), NaN for none."""
+    if not values:
+        return float("nan")
     if len(values) < 2:
         return 0.0
     mean = sum(values) / len(values)
@@ -119,7 +123,11 @@ def _std(values: list[float]) -> float:
 
 
 def _se(values: list[float]) -> float:
-    return _std(values) / math.sqrt(max(len(values), 1))
+    return _std(values) / math.sqrt(len(values)) if values else float("nan")
+
+
+def _ratio(total: float, count: int) -> float:
+    return total / count if count else float("nan")
 
 
 def degeneration(replies: list[str]) -> dict[str, float]:
@@ -138,9 +146,11 @@ def degeneration(replies: list[str]) -> dict[str, float]:
         bigrams = [tuple(words[i : i + 2]) for i in range(len(words) - 1)]
         if bigrams:
             repeats.append(1 - len(set(bigrams)) / len(bigrams))
+    if not replies:
+        return {"distinct_1": float("nan"), "distinct_2": float("nan"), "repetition": float("nan")}
     return {"distinct_1": len(set(grams[1])) / max(len(grams[1]), 1),
             "distinct_2": len(set(grams[2])) / max(len(grams[2]), 1),
-            "repetition": _mean(repeats)}
+            "repetition": _mean(repeats) if repeats else 0.0}
 
 
 @dataclass
@@ -320,7 +330,7 @@ def _summarise(spec: Intervention, arm: Arm, reference: Arm, reward_names: list[
     return {
         "name": spec.name, "method": spec.method or spec.name, "scale": spec.scale, "reference": spec.reference,
         "rewards": per_reward,
-        "kl_per_token": arm.kl_sum / max(arm.kl_tokens, 1), "kl_per_reply": arm.kl_sum / max(arm.kl_replies, 1),
+        "kl_per_token": _ratio(arm.kl_sum, arm.kl_tokens), "kl_per_reply": _ratio(arm.kl_sum, arm.kl_replies),
         "length": length, "length_ratio": length / base_length if base_length else float("nan"),
         "degeneration": degeneration(arm.replies),
     }
@@ -370,7 +380,7 @@ class HeldOutReport:
     def verdict(self) -> str:
         """What the comparison supports, in words (a standard error only where one exists)."""
         if self.samples_per_arm == 0:
-            return "no judge answers"
+            return f"no judge answers: the reward failed for all {self.judge_failed} samples, nothing to compare"
         if self.difference_se > 0:
             return f"{self.z:+.1f} SE (Welch)"
         reason = "one sample" if self.samples_per_arm < 2 else "identical rewards within each arm"
@@ -472,8 +482,8 @@ def evaluate_intervention(
         samples_per_arm=n,
         reward_on=on.mean(), reward_on_se=on.se(), reward_off=off.mean(), reward_off_se=off.se(),
         difference=on.mean() - off.mean(), difference_se=math.sqrt(on.se() ** 2 + off.se() ** 2),
-        paired_se=_std(diffs) / math.sqrt(max(n, 1)),
-        kl_per_token=on.kl_sum / max(on.kl_tokens, 1), kl_per_reply=on.kl_sum / max(on.kl_replies, 1),
+        paired_se=_se(diffs),
+        kl_per_token=_ratio(on.kl_sum, on.kl_tokens), kl_per_reply=_ratio(on.kl_sum, on.kl_replies),
         length_on=_mean(on.lengths), length_off=_mean(off.lengths),
         judge_failed=on.failed, arm_names=(off_name, on_name),
         examples=examples, **_method_summaries(module, off, on),

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from modules.files import save_figure_atomically
+
 
 def frontier_points(comparison: dict, reward: str) -> dict[str, list[dict]]:
     """Method -> its arms as points {x, y, err, scale, name, length_ratio}, ordered by scale."""
@@ -64,8 +66,6 @@ def plot_frontier(comparison: dict, path: str | Path, min_length_ratio: float = 
     fig.suptitle(title or f"held-out reward vs KL, {n} paired samples per arm (hollow: replies < "
                  f"{min_length_ratio:.0%} of unsteered length)", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure_atomically(fig, path, dpi=110)
     plt.close(fig)
-    return path
+    return Path(path)

@@ -171,6 +171,7 @@ class OnPolicyModule(L.LightningModule):
         self._warned_flat = False
         self.batch_judge_calls = False  # set by the JudgeBatching callback
         self._timings: dict[str, float] = {}
+        self._logged_last_update: set[str] = set()
 
     @property
     def prompts_per_update(self) -> int:
@@ -381,6 +382,7 @@ class OnPolicyModule(L.LightningModule):
             started = time.perf_counter()
             metrics.update(self.update(merged))
             self._timings["update_s"] = time.perf_counter() - started
+            self._without_signal_in_a_row = 0
         else:
             self._record_update_without_signal()
         self.last_experiences = [merged]  # for callbacks (e.g. reward-model features), until the next update
@@ -396,11 +398,16 @@ class OnPolicyModule(L.LightningModule):
         metrics["lr"] = self.optimizers().param_groups[0]["lr"]
         if self.device.type == "cuda":
             metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        # what this update did not do (no optimizer step: no loss, no grad norm) is logged as NaN, never
+        # as the previous update's value (Lightning keeps a step metric's last value until it is logged again)
+        metrics.update({k: float("nan") for k in self._logged_last_update - metrics.keys()})
+        self._logged_last_update = set(metrics)
         for reduction in ("mean", "sum", "max"):  # the same keys on every rank, in the same order
             group = {k: v for k, v in metrics.items() if reduction_over_ranks(k) == reduction}
             self.log_dict(group, on_step=True, on_epoch=False, batch_size=1, sync_dist=True, reduce_fx=reduction)
         self.log_dict(
-            {"reward": metrics["reward/mean"], "kl": metrics.get("kl/token", 0.0), "len": metrics["response/length"]},
+            {"reward": metrics["reward/mean"], "kl": metrics.get("kl/token", float("nan")),
+             "len": metrics["response/length"]},
             on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=1,
         )
         if self.rollout_batches_done >= self.total_updates:
@@ -434,7 +441,9 @@ class OnPolicyModule(L.LightningModule):
         Each chunk's loss (a mean over its own samples or tokens) is weighted by its share of
         :meth:`loss_weight`, so the step follows the mean over all chunks; with
         ``losses_are_shares`` the chunk losses are already their shares of the step's loss (GRPO's
-        aggregations normalise by counts of the whole step) and are summed as they are. Every chunk is
+        aggregations normalise by counts summed over ranks, times the world size, so that the mean
+        over ranks of a rank's summed shares is the step's loss) and are summed as they are, and the
+        logged ``loss`` is that sum. Every chunk is
         backpropagated even when a loss is NaN (under DDP all ranks must run the same backward
         calls); whether to step is then decided by all ranks together. Clipping goes through
         Lightning's ``clip_gradients`` (correct under FSDP); under DeepSpeed the engine clips and
@@ -479,6 +488,8 @@ class OnPolicyModule(L.LightningModule):
                                       "gradient: lower lr, check the reward for NaN, and resume with --ckpt_path last")
         opt.zero_grad(set_to_none=True)
         out = {k: _weighted_mean([m[k] for m in per_chunk], weights) for k in per_chunk[0]}
+        if losses_are_shares:
+            out["loss"] = float(sum(float(m["loss"]) for m in per_chunk))
         out["grad_norm"] = float(grad_norm)
         return out
 
@@ -543,6 +554,7 @@ class OnPolicyModule(L.LightningModule):
         keep = self.checkpointed_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["on_policy"] = {
+            "method": type(self).__name__,
             "rollout_batches_done": self.rollout_batches_done,
             "reward_ema": self.reward_ema,
             "skipped_updates": self.skipped_updates,

@@ -19,7 +19,6 @@ writes ``comparison.json``, ``comparison.txt`` and ``frontier.png`` (reward vs K
 
 from __future__ import annotations
 
-import json
 from argparse import ArgumentError
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from jsonargparse import ArgumentParser
 
 from datamodules.prompts import DEFAULT_HELDOUT, encode_prompts, read_prompts
 from modules.errors import UserError, describe_config_error
+from modules.files import write_json_atomically, write_text_atomically
 from modules.judges.base import Judge
 from modules.models.steering_io import load_steered_model, read_steering_vector
 
@@ -155,13 +155,11 @@ def evaluate(argv: list[str]) -> None:
     data = comparison.as_dict()
     data["vectors"] = {"vector": args.vector, "caa": args.caa, "files": dict(files)}
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(data, indent=2))
+        write_json_atomically(args.output, data)
     if args.output_dir:
         out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "comparison.json").write_text(json.dumps(data, indent=2))
-        (out / "comparison.txt").write_text(text + "\n")
+        write_json_atomically(out / "comparison.json", data)
+        write_text_atomically(out / "comparison.txt", text + "\n")
         from modules.frontier import plot_frontier
 
         written = plot_frontier(data, out / "frontier.png")

@@ -1,6 +1,7 @@
 """The shared on-policy loop: fresh rollouts from updated parameters, step counting, NaN and judge failures."""
 
 import logging
+import math
 
 import lightning as L
 import pytest
@@ -266,3 +267,73 @@ def test_flat_rewards_are_reported_once(tiny_llama_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         fit(module, tmp_path)
     assert caplog.text.count("learns nothing") == 1
+
+
+class OutageJudge(LengthJudge):
+    """A length judge that answers nothing while ``down`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = False
+
+    async def _score_uncached(self, requests):
+        return [None] * len(requests) if self.down else await super()._score_uncached(requests)
+
+
+class Outages(L.Callback):
+    """Takes the judge down during the given updates (1-based) and records what each update logged."""
+
+    def __init__(self, judge: OutageJudge, updates: set[int]):
+        self.judge, self.updates, self.logged = judge, updates, []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.judge.down = module.rollout_batches_done + 1 in self.updates
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.logged.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def test_scattered_judge_outages_do_not_stop_the_run_and_log_nothing_that_did_not_happen(tiny_llama_dir, tmp_path):
+    judge = OutageJudge()
+    module = tiny_module(tiny_llama_dir, judge=judge, total_updates=5, max_updates_without_signal=2)
+    outages = Outages(judge, {2, 4})
+    trainer = fit(module, tmp_path, [outages])  # two outages, never two in a row: the run must finish
+    assert module.rollout_batches_done == 5 and module.updates_without_signal == 2 and trainer.global_step == 3
+    for update, logged in enumerate(outages.logged, 1):
+        stepped = update not in {2, 4}
+        for name in ("loss/policy", "grad_norm", "time/update_s", "kl/token"):
+            assert math.isfinite(logged[name]) == stepped, (update, name, logged[name])
+        assert logged["updates_without_signal"] == (0, 1, 1, 2, 2)[update - 1]
+
+
+class PromptRecordingJudge(LengthJudge):
+    def __init__(self):
+        super().__init__()
+        self.prompts: list[str] = []
+
+    async def _score_uncached(self, requests):
+        self.prompts += [r.prompt for r in requests]
+        return await super()._score_uncached(requests)
+
+
+def test_a_prompt_too_long_for_the_policy_is_cut_the_same_way_for_the_judge(tiny_llama_dir, tmp_path, caplog,
+                                                                            monkeypatch):
+    import datamodules.prompts
+
+    monkeypatch.setattr(datamodules.prompts, "_warned_cut", False)
+    judge = PromptRecordingJudge()
+    module = tiny_module(tiny_llama_dir, judge=judge, total_updates=2)
+    long_prompt = " ".join(f"word{i}" for i in range(4000)) + " so am I right?"
+    prompts = tmp_path / "long.txt"
+    prompts.write_text(f"{long_prompt}\n{long_prompt}\n")
+    with caplog.at_level(logging.WARNING, logger="datamodules.prompts"):
+        fit(module, tmp_path, train_file=str(prompts))
+    assert len(caplog.records) == 1 and "cut from the left" in caplog.text  # said once, not per batch
+    tokenizer = module.tokenizer
+    assert judge.prompts and all(len(tokenizer(p)["input_ids"]) < 512 for p in judge.prompts)
+    assert all(p.endswith("so am I right?") and long_prompt.endswith(p.strip()) for p in judge.prompts)
+    batch = encode_prompts(tokenizer, [long_prompt, "short"], max_tokens=512)
+    assert batch.input_ids.shape[1] <= 512 and batch.prompts[1] == "short" and batch.prompts[0] == judge.prompts[0]
+    start = tokenizer.decode(batch.input_ids[0][batch.attention_mask[0].bool()][:3])
+    template = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    assert start == tokenizer.decode(tokenizer(template, add_special_tokens=False)["input_ids"][:3])  # template kept

@@ -20,6 +20,7 @@ from tests.forked_cli import run_cli
 from tests.test_cli_and_checkpoints import write_config
 from tests.test_ppo import ppo_config
 
+PASTED_KEY = "sk-or-v1-0a1b2c3d4e5f60718293a4b5c6d7e8f9"
 LOCAL_JUDGE = ["--model.judge", "modules.judges.local.LocalJudge"]
 OPENAI_JUDGE = ["--model.judge", "modules.judges.openai_compat.OpenAICompatibleJudge",
                 "--model.judge.model", "j", "--model.judge.api_key_env", "RLI_TEST_NO_KEY"]
@@ -78,6 +79,15 @@ BAD_INPUT = [
                                  "/no/such/sarm"], "SARM folder '/no/such/sarm' does not exist"),
     ("ppo-train-random-bytes", "ppo", ["--data.train_file", "{random_jsonl}"], "is not UTF-8 text"),
     ("ppo-ckpt-truncated", "ppo", ["--ckpt_path", "{truncated_ckpt}"], "is truncated or not a checkpoint file"),
+    # the trainer, the run folder, checkpoints of another method, a key where its variable's name belongs
+    ("strategy-unknown", "steering", ["--trainer.strategy", "nonsense"], "unknown strategy 'nonsense'"),
+    ("output_dir-is-a-file", "steering", ["--output_dir", "{random_txt}"], "random.txt is a file, not a folder"),
+    ("output_dir-read-only", "steering", ["--output_dir", "/sys/rli-test-runs"], "/sys is not writable"),
+    ("ckpt-of-another-method", "steering", ["--ckpt_path", "{ppo_ckpt}"], "does not fit SteeringVectorRL (written by PPO"),
+    ("api_key_env-holds-a-key", "steering", [*OPENAI_JUDGE, "--model.judge.base_url", "http://localhost.:9/v1",
+                                             "--model.judge.api_key_env", PASTED_KEY], "NAME of the environment"),
+    ("api_key_env-holds-a-key-local", "steering", [*OPENAI_JUDGE, "--model.judge.base_url", "http://127.0.0.1:9/v1",
+                                                   "--model.judge.api_key_env", PASTED_KEY], "not the key itself"),
 ]
 
 
@@ -89,7 +99,8 @@ def bad_files(tmp_path) -> dict[str, str]:
     noise = b"\xff\xfe" + bytes(rng.randrange(256) for _ in range(2000))
     files = {"random_txt": folder / "random.txt", "random_jsonl": folder / "random.jsonl",
              "empty_txt": folder / "empty.txt", "no_field_jsonl": folder / "rows.jsonl",
-             "truncated_ckpt": folder / "update000002.ckpt", "garbage_adapter": folder / "adapter"}
+             "truncated_ckpt": folder / "update000002.ckpt", "garbage_adapter": folder / "adapter",
+             "ppo_ckpt": folder / "ppo.ckpt"}
     files["random_txt"].write_bytes(noise)
     files["random_jsonl"].write_bytes(noise)
     files["empty_txt"].write_text("\n\n")
@@ -97,6 +108,8 @@ def bad_files(tmp_path) -> dict[str, str]:
     torch.save({"state_dict": {"steering_vector.v": torch.zeros(64)}, "epoch": 0}, files["truncated_ckpt"])
     data = files["truncated_ckpt"].read_bytes()
     files["truncated_ckpt"].write_bytes(data[: len(data) // 2])
+    torch.save({"state_dict": {"policy.base_model.model.lm_head.lora_A.policy.weight": torch.zeros(4, 64)},
+                "on_policy": {"method": "PPO", "rollout_batches_done": 2}}, files["ppo_ckpt"])
     files["garbage_adapter"].mkdir()
     (files["garbage_adapter"] / "adapter_config.json").write_text("{not json")
     return {name: str(path) for name, path in files.items()}
@@ -120,8 +133,9 @@ def test_bad_input_gets_one_line_exit_2_and_leaves_no_file(tiny_llama_dir, tmp_p
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2, result.stderr[-3000:]
     assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and PASTED_KEY not in result.stderr + result.stdout
     assert not out.exists(), sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert not list(tmp_path.glob(".rli-write-check-*"))
     assert time.monotonic() - started < 60  # no retries against an unreachable Hub or judge
 
 
@@ -167,7 +181,8 @@ TOO_FEW = "too few samples for a standard error"
 
 
 @pytest.mark.parametrize("report,printed,verdict", [
-    (_report(0, 0.0, 0.0, 0.0, failed=6), "no judge answers", "no judge answers"),
+    (_report(0, 0.0, 0.0, 0.0, failed=6), "no judge answers",
+     "no judge answers: the reward failed for all 6 samples, nothing to compare"),
     (_report(1, 0.0, 0.0, -0.3), f"-0.3000 ({TOO_FEW}: one sample)", f"{TOO_FEW}: one sample"),
     (_report(5, 0.0, 0.0, -0.3), f"-0.3000 ({TOO_FEW}: identical rewards within each arm)",
      f"{TOO_FEW}: identical rewards within each arm"),

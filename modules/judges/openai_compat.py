@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import random
+import re
 from typing import Any, Literal, Sequence
 from urllib.parse import urlparse
 
@@ -71,6 +72,22 @@ _DIGIT_SHARE_REPLIES = 8  # replies averaged before the share is judged
 
 class _Garbage(Exception):
     """A 200 reply that cannot be turned into a judgement."""
+
+
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_KEY_PREFIXES = ("sk-", "sk_", "hf_", "ghp_", "gsk_", "xai-", "pk-", "rk-", "AIza")
+
+
+def check_variable_name(api_key_env: str) -> None:
+    """Refuse an ``api_key_env`` that is not an environment variable's name (a key pasted in its place)
+    with a message that never repeats the value, so the key reaches no log, config or checkpoint."""
+    looks_like_key = api_key_env.startswith(_KEY_PREFIXES) or (
+        len(api_key_env) >= 24 and any(c.islower() for c in api_key_env) and any(c.isupper() for c in api_key_env)
+        and any(c.isdigit() for c in api_key_env))
+    if looks_like_key or not _VARIABLE_NAME.fullmatch(api_key_env):
+        raise UserError("judge api_key_env must be the NAME of the environment variable that holds the key "
+                        "(letters, digits and _, e.g. OPENROUTER_API_KEY), not the key itself; the value given "
+                        "is not shown or saved: export the key as a variable and name the variable here")
 
 
 class OpenAICompatibleJudge(Judge):
@@ -125,6 +142,7 @@ class OpenAICompatibleJudge(Judge):
                 raise UserError(f"judge {name} must be at least {least}, got {value}")
         if not timeout_s > 0:
             raise UserError(f"judge timeout_s must be > 0 seconds, got {timeout_s}")
+        check_variable_name(api_key_env)
         self.base_url = base_url
         self.model = model
         self.mode = mode

@@ -10,12 +10,12 @@ The file is a plain ``torch.save`` dict of tensors, strings and numbers (loadabl
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from modules.errors import UserError
+from modules.files import atomic_path
 from modules.models.loading import load_causal_lm
 from modules.models.steering import Steering, SteeringVector
 
@@ -28,9 +28,8 @@ def save_steering_vector(path: str | Path, vector: SteeringVector, metadata: dic
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "v": vector.v.detach().float().cpu().clone(),
                "alpha": vector.alpha.detach().float().cpu().reshape(()).clone(), "metadata": metadata}
-    partial = path.with_name("." + path.name + ".partial")
-    torch.save(payload, partial)
-    os.replace(partial, path)
+    with atomic_path(path) as partial, open(partial, "wb") as file:
+        torch.save(payload, file)  # through a Python file: a full disk raises OSError, not a bare RuntimeError
     return path
 
 

@@ -26,6 +26,8 @@ from typing import Sequence
 
 import torch
 
+from modules.files import save_figure_atomically
+
 
 def _as_tensors(confidence, informativeness, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
     c = torch.as_tensor(confidence, dtype=torch.float64).flatten()
@@ -129,7 +131,6 @@ def reliability_diagram(table: Sequence[ReliabilityBin], path: str | Path, title
            title=title or f"reliability (ECE {expected_calibration_error(table):.3f})")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure_atomically(fig, path, dpi=100)
     plt.close(fig)
     return True
