@@ -174,7 +174,9 @@ def main() -> None:
     parser.add_argument("--static_compile_batch", type=int, default=32, help="0 skips HF static cache + compile")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="GPU time by kernel kind of ours at batch 32")
-    parser.add_argument("--lora_row", action="store_true", help="last: ours with a LoRA adapter, batch 32")
+    parser.add_argument("--lora_row", action="store_true",
+                        help="last: ours with a LoRA adapter at each batch (fused groups), and peft's layers at 32")
+    parser.add_argument("--lora_only", action="store_true", help="skip every row but the ceiling and the LoRA rows")
     parser.add_argument("--budget_s", type=float, default=420.0, help="skip what would start after this")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
@@ -217,7 +219,7 @@ def main() -> None:
     def left() -> float:
         return args.budget_s - (time.perf_counter() - began)
 
-    for batch in args.batches:
+    for batch in ([] if args.lora_only else args.batches):
         ids, mask = prompts(batch, model.config.vocab_size, device)
         for n in sorted(args.new_tokens, reverse=True):  # the largest first: its cache serves the others
             if left() < 20:
@@ -240,7 +242,7 @@ def main() -> None:
             except Exception as err:  # noqa: BLE001
                 print(f"HF eager failed at batch {batch}: {type(err).__name__}: {err}", flush=True)
 
-    if device == "cuda" and args.profile and 32 in args.batches and left() > 30:
+    if device == "cuda" and args.profile and 32 in args.batches and left() > 30 and not args.lora_only:
         try:
             ids, mask = prompts(32, model.config.vocab_size, device)
             result["profile_batch32"] = profile_step(engine, ids, mask, min(args.new_tokens))
@@ -249,7 +251,7 @@ def main() -> None:
             print(f"profile failed: {type(err).__name__}: {err}", flush=True)
         save()
 
-    if device == "cuda" and 32 in args.batches and left() > 30:  # the fused kernels' share, at batch 32
+    if device == "cuda" and 32 in args.batches and left() > 30 and not args.lora_only:  # the fused kernels' share
         plain = RolloutEngine(model, compile_kernels=False)
         ids, mask = prompts(32, model.config.vocab_size, device)
         n = min(args.new_tokens)
@@ -273,7 +275,7 @@ def main() -> None:
             del variant
 
     batch = args.static_compile_batch
-    if device == "cuda" and batch and left() > 150:
+    if device == "cuda" and batch and left() > 150 and not args.lora_only:
         engine._states.clear()
         torch.cuda.empty_cache()
         ids, mask = prompts(batch, model.config.vocab_size, device)
@@ -303,11 +305,23 @@ def main() -> None:
                     if "lora_B" in name:
                         param.normal_(0, 0.01)
             lora_engine = RolloutEngine(policy)
-            ids, mask = prompts(32, model.config.vocab_size, device)
+            result["lora_check"] = check_engine(policy, lora_engine, device)
+            print("LoRA engine check at this shape:", json.dumps(result["lora_check"]), flush=True)
             n = min(args.new_tokens)
-            timed(lambda: lora_engine.generate(ids, mask, n, [EOS], 0), 1)
-            add("ours, LoRA r=16 all-linear (unmerged, peft)", 32, n,
-                *step_ms(lambda k: lora_engine.generate(ids, mask, k, [EOS], 0), n, args.repeats))
+            for batch in args.batches:
+                if left() < 25:
+                    break
+                ids, mask = prompts(batch, model.config.vocab_size, device)
+                timed(lambda: lora_engine.generate(ids, mask, n, [EOS], 0), 1)
+                add("ours, LoRA r=16 all-linear (adapters fused per projection group)", batch, n,
+                    *step_ms(lambda k: lora_engine.generate(ids, mask, k, [EOS], 0), n, args.repeats))
+            lora_engine.release()
+            if 32 in args.batches and left() > 25:  # the same adapter through peft's own layers, as before
+                peft_engine = RolloutEngine(policy, fuse_projections=False)
+                ids, mask = prompts(32, model.config.vocab_size, device)
+                timed(lambda: peft_engine.generate(ids, mask, n, [EOS], 0), 1)
+                add("ours, LoRA r=16 all-linear (peft's layers, unfused)", 32, n,
+                    *step_ms(lambda k: peft_engine.generate(ids, mask, k, [EOS], 0), n, args.repeats))
         except Exception as err:  # noqa: BLE001
             print(f"LoRA row failed: {type(err).__name__}: {err}", flush=True)
 

@@ -119,6 +119,7 @@ def build(args, tokenizer):
         common.pop("lora_r"), common.pop("lora_alpha")
         module = with_random_base(OracleGRPO, tokenizer, base)(
             adapter_path=str(adapter), samples_per_prompt=args.samples_per_prompt, num_positions=8,
+            loss_type=getattr(args, "loss_type", "dr_grpo"),
             format_system_prompt="Reply as [epistemic status: X] Answer.", **common)
         data = PromptDataModule(train_file="datamodules/data/oracle_train.jsonl", heldout_file=None,
                                 jsonl_field="question", prompts_per_update=module.prompts_per_update)
@@ -163,6 +164,7 @@ def main() -> None:
     parser.add_argument("--update_batch_size", type=int, default=None, help="Rows per forward/backward chunk.")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--lora_r", type=int, default=16)
+    parser.add_argument("--loss_type", default="dr_grpo", help="OracleGRPO's loss aggregation (--method oracle).")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
 

@@ -271,7 +271,8 @@ def test_fused_projections_are_views_of_one_buffer_and_follow_the_weights(tiny_m
     engine = RolloutEngine(model)
     fused = engine.generate(**generate_args(model, tokenizer, batch, 10, greedy=True, keep_logits=True))
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    qkv, gate_up = engine._projections[0]
+    qkv, gate_up, out_proj, down = engine._projections[0]
+    assert out_proj is None and down is None  # a lone plain linear is not worth fusing
     # one buffer, each weight a view of its rows; the values and every other weight untouched
     assert qkv.members == (attn.q_proj, attn.k_proj, attn.v_proj) and gate_up.members == (mlp.gate_proj, mlp.up_proj)
     assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + attn.q_proj.weight.numel() * 4
@@ -301,7 +302,7 @@ def test_fused_projections_are_views_of_one_buffer_and_follow_the_weights(tiny_m
     model.to(torch.float64)
     assert not qkv.intact()
     out = engine.generate(**generate_args(model, tokenizer, batch, 10, greedy=True, keep_logits=True))
-    assert engine._projections[0][0] is not qkv and engine._projections[0][0].intact()
+    assert engine._projections[0].qkv is not qkv and engine._projections[0].qkv.intact()
     expected, mask = plain_logits(model, batch.input_ids, batch.attention_mask, out.tokens,
                                   stop_token_ids(model, tokenizer))
     torch.testing.assert_close(out.logits[mask], expected[mask], **TOL)
@@ -313,14 +314,19 @@ def test_fused_projections_are_views_of_one_buffer_and_follow_the_weights(tiny_m
     assert all(torch.equal(v.float(), reloaded.state_dict()[k]) for k, v in model.state_dict().items())
 
 
-def test_trainable_and_lora_projections_are_not_fused(tiny_llama_dir):
+def test_trainable_projections_are_not_fused_and_lora_layers_are_fused_with_their_adapters(tiny_llama_dir):
     model, tokenizer = load_causal_lm(tiny_llama_dir, "float32")
-    policy = LoRAPolicy(model, r=4, target_modules=["gate_proj"])
+    policy = LoRAPolicy(model, r=4, target_modules=["gate_proj", "o_proj"])
     policy.model.get_base_model().model.layers[0].self_attn.k_proj.weight.requires_grad_(True)
     engine = RolloutEngine(policy.model)
     engine.generate(**generate_args(policy.model, tokenizer, encode_prompts(tokenizer, PROMPTS), 4, greedy=True))
-    assert engine._projections[0] == (None, None)  # k trainable; gate a LoRA layer
-    assert engine._projections[1][0] is not None and engine._projections[1][1] is None
+    layer0, layer1 = engine._projections[0], engine._projections[1]
+    assert layer0.qkv is None  # k trainable
+    assert layer1.qkv is not None and not layer1.qkv.adapters  # plain q/k/v
+    mlp = policy.model.get_base_model().model.layers[1].mlp
+    assert layer1.gate_up.owners == (mlp.gate_proj, mlp.up_proj) and layer1.gate_up.members[0] is mlp.gate_proj.base_layer
+    assert [(a.member, a.adapter, a.rank) for a in layer1.gate_up.adapters] == [(0, "default", 4)]
+    assert layer1.out is not None and layer1.down is None  # o_proj has an adapter; down_proj is plain
 
 
 def test_fuse_with_biases_gives_the_separate_outputs_and_refuses_what_it_cannot_stack():
@@ -343,3 +349,49 @@ def test_fuse_with_biases_gives_the_separate_outputs_and_refuses_what_it_cannot_
     assert fuse(*mixed) is None  # one with a bias, one without
     assert fuse(layers[0], layers[0]) is None  # the same layer twice
     assert fuse(nn.Linear(6, 2), nn.Linear(6, 2)) is None  # trainable
+
+
+def test_lora_groups_follow_updates_and_switches_and_leave_the_base_bit_identical(tiny_model_dir, tmp_path):
+    """A policy with a frozen reference copy (two adapters per layer) and LoRA on only some projections:
+    the engine's logits equal a plain forward for the policy, the reference and the bare base, after
+    each of several in-place updates, and the base weights never change."""
+    base, tokenizer = load_causal_lm(tiny_model_dir, "float32")
+    start = LoRAPolicy(base, r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in start.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    start.model.save_pretrained(tmp_path / "adapter")
+    base, _ = load_causal_lm(tiny_model_dir, "float32")
+    frozen = {k: v.clone() for k, v in base.state_dict().items()}
+    lora = LoRAPolicy(base, adapter_path=str(tmp_path / "adapter"))
+    model, engine = lora.model, RolloutEngine(lora.model)
+    batch = encode_prompts(tokenizer, PROMPTS)
+    stops = stop_token_ids(model, tokenizer)
+
+    def check():
+        out = engine.generate(**generate_args(model, tokenizer, batch, 8, seed=2, keep_logits=True))
+        with torch.no_grad():
+            logits, mask = plain_logits(model, batch.input_ids, batch.attention_mask, out.tokens, stops)
+        torch.testing.assert_close(out.logits[mask], logits[mask], **TOL)
+        return out.logits[:, 0]
+
+    first = check()
+    group = engine._projections[0].qkv
+    assert [(a.member, a.adapter) for a in group.adapters] == [(0, "default"), (0, "reference"), (2, "default"),
+                                                               (2, "reference")]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for update in range(3):  # in-place updates, as AdamW makes them
+        with torch.no_grad():
+            for param in trainable:
+                param.add_(0.2 * torch.randn_like(param))
+        policy = check()
+        assert (policy - first).abs().max() > 1e-3
+        with lora.reference():
+            torch.testing.assert_close(check(), first, **TOL)  # the frozen starting adapter
+        with lora.base():
+            check()
+    assert engine._projections[0].qkv is group  # updates and switches need no new fusing
+    after = {k.replace(".base_layer", ""): v for k, v in base.state_dict().items() if "lora_" not in k}
+    assert after.keys() == frozen.keys() and all(torch.equal(frozen[k], after[k]) for k in frozen)  # bit-identical

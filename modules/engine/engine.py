@@ -8,8 +8,8 @@ A graph attends over the first ``L`` cache columns, ``L`` a multiple of :data:`K
 per ``L`` is captured (once, before the first token is drawn, so a seed reproduces a rollout).
 
 What makes a decode step cheap (each measured on an H200, ``benchmarks/RESULTS.md``): the q/k/v and
-gate/up weights of a frozen base are views into one buffer per layer, one GEMM each
-(:mod:`modules.engine.fusion`); the GEMMs are captured with cuBLASLt, which reads the narrow o_proj
+gate/up weights of a frozen base are views into one buffer per layer, one GEMM each, and a LoRA
+adapter adds one more GEMM per group of projections (:mod:`modules.engine.fusion`); the GEMMs are captured with cuBLASLt, which reads the narrow o_proj
 and down_proj weights faster than cuBLAS's default choice; the new key and value go into one cache
 tensor with one copy; attention is two batched GEMMs around a fused softmax (the query heads that
 share a key head are rows of one product; scores leave the GEMM in fp32), cheaper at a few hundred
@@ -36,6 +36,7 @@ import logging
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,16 @@ class _State:
     pool: object = None
 
 
+class LayerProjections(NamedTuple):
+    """One decoder layer's fused projection groups (None: the layer's own modules run)."""
+
+    qkv: FusedLinear | None = None
+    gate_up: FusedLinear | None = None
+    out: FusedLinear | None = None
+    """o_proj, fused only with its LoRA adapters (a lone plain linear gains nothing)."""
+    down: FusedLinear | None = None
+
+
 @dataclass
 class _Plan:
     """The interventions that act in this call."""
@@ -107,8 +118,8 @@ class _Plan:
     injection: list  # ActivationInjection objects holding vectors
     greedy: bool
     use_top_p: bool
-    projections: list = field(default_factory=list)
-    """Per layer: (q/k/v fused or None, gate/up fused or None)."""
+    projections: list[LayerProjections] = field(default_factory=list)
+    """Per layer: its fused projection groups."""
 
 
 def _bucket(length: int) -> int:
@@ -123,7 +134,8 @@ class RolloutEngine:
         use_graphs: Capture the decode step on CUDA (False: run it eagerly, e.g. to debug).
         compile_kernels: Fuse the element-wise pieces with ``torch.compile`` on CUDA.
         fuse_projections: Lay each layer's q/k/v and gate/up weights out as views into one buffer
-            (frozen plain linears only; see :mod:`modules.engine.fusion`) and run one GEMM for each.
+            (frozen base weights; see :mod:`modules.engine.fusion`) and run one GEMM for each, with
+            the LoRA adapters' A matrices as extra rows and one GEMM for their B matrices.
         blas_library: The BLAS library torch prefers while the decode step is captured (its GEMMs
             are the ones the graph replays), restored after; None leaves torch's choice. cuBLASLt
             reads the narrow o_proj and down_proj weights of a decode step faster on H100/H200.
@@ -134,7 +146,7 @@ class RolloutEngine:
         self._model = weakref.ref(model)  # the engine lives beside the model, never keeps it alive
         self.use_graphs, self.compile_kernels, self.fuse_projections = use_graphs, compile_kernels, fuse_projections
         self.blas_library = blas_library
-        self._projections: list[tuple[FusedLinear | None, FusedLinear | None]] = []
+        self._projections: list[LayerProjections] = []
         self._states: OrderedDict[tuple, _State] = OrderedDict()
         self._fused: Ops | None = None
         self.captures = 0
@@ -242,19 +254,26 @@ class RolloutEngine:
             raise RuntimeError("steering positions other than 'all' need Steering.prompt_length(P) around the call")
         return int(steering._prompt_len) - int(steering.prompt_offset)
 
-    def _fused_projections(self, parts: DecoderParts) -> list[tuple[FusedLinear | None, FusedLinear | None]]:
-        """Each layer's fused q/k/v and gate/up, fused now where they were not or no longer are."""
+    def _fused_projections(self, parts: DecoderParts) -> list[LayerProjections]:
+        """Each layer's fused groups, fused now where they were not or no longer are, their adapters'
+        current values copied in (:meth:`FusedLinear.refresh`)."""
         if not self.fuse_projections:
-            return [(None, None)] * len(parts.layers)
-        known = self._projections if len(self._projections) == len(parts.layers) else [(None, None)] * len(parts.layers)
+            return [LayerProjections()] * len(parts.layers)
+        known = self._projections if len(self._projections) == len(parts.layers) else \
+            [LayerProjections()] * len(parts.layers)
         fusions = []
-        for layer, (qkv, gate_up) in zip(parts.layers, known):
+        for layer, groups in zip(parts.layers, known):
             attn, mlp = layer.self_attn, layer.mlp
-            if qkv is None or not qkv.intact() or qkv.members[0] is not attn.q_proj:
-                qkv = fuse(attn.q_proj, attn.k_proj, attn.v_proj)
-            if gate_up is None or not gate_up.intact() or gate_up.members[0] is not mlp.gate_proj:
-                gate_up = fuse(mlp.gate_proj, mlp.up_proj)
-            fusions.append((qkv, gate_up))
+            wanted = ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj), (attn.o_proj,),
+                      (mlp.down_proj,))
+            fused = []
+            for group, modules in zip(groups, wanted):
+                if group is None or group.owners != modules or not group.intact():
+                    group = fuse(*modules)
+                elif group.adapters:
+                    group.refresh()
+                fused.append(group)
+            fusions.append(LayerProjections(*fused))
         self._projections = fusions
         return fusions
 
@@ -369,10 +388,10 @@ class RolloutEngine:
             for gate, delta in sites.get((i, "post_attn_norm"), ()):
                 normed = ops.steer_add(normed, delta, gate)
             mlp = layer.mlp
-            gate_up = plan.projections[i][1] if plan.projections else None
-            gate, up = gate_up(normed) if gate_up is not None else (mlp.gate_proj(normed), mlp.up_proj(normed))
+            fused = plan.projections[i] if plan.projections else LayerProjections()
+            gate, up = fused.gate_up(normed) if fused.gate_up else (mlp.gate_proj(normed), mlp.up_proj(normed))
             mid = ops.silu_mul(gate, up) if parts.silu else mlp.act_fn(gate) * up
-            down = mlp.down_proj(mid)
+            down = fused.down(mid)[0] if fused.down else mlp.down_proj(mid)
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else parts.norm
             if inject is not None and any(inj.layer == i for inj in plan.injection):
                 residual = inject(i, residual + down)
@@ -384,8 +403,14 @@ class RolloutEngine:
     @staticmethod
     def _qkv(plan: _Plan, i: int, attn, x: torch.Tensor):
         """Layer ``i``'s query, key and value projections of ``x`` (one GEMM where fused)."""
-        fused = plan.projections[i][0] if plan.projections else None
+        fused = plan.projections[i].qkv if plan.projections else None
         return fused(x) if fused is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+
+    @staticmethod
+    def _o_proj(plan: _Plan, i: int, attn, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``i``'s attention output projection (with its adapters fused where it has any)."""
+        fused = plan.projections[i].out if plan.projections else None
+        return fused(x)[0] if fused is not None else attn.o_proj(x)
 
     @staticmethod
     def _rope(parts: DecoderParts, rope, attn, q: torch.Tensor, k: torch.Tensor, cos, sin, *v: torch.Tensor):
@@ -430,7 +455,7 @@ class RolloutEngine:
             scores = attention_scores(q.reshape(heads, groups, d), keys.reshape(heads, length, d))
             probs = ops.attention_probs(scores.view(batch, parts.num_kv_heads, groups, length), mask, attn.scaling,
                                         values.dtype)
-            return attn.o_proj(torch.matmul(probs, values).reshape(batch, 1, parts.num_heads * d))
+            return self._o_proj(plan, i, attn, torch.matmul(probs, values).reshape(batch, 1, parts.num_heads * d))
 
         gates = [(state.cache_pos >= first).to(hidden.dtype) for first in state.steer_first]
         normed = self._layers(parts, ops, hidden, attention, gates, plan, None)
@@ -459,7 +484,7 @@ class RolloutEngine:
             if groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=attn.scaling)
-            return attn.o_proj(out.transpose(1, 2).reshape(batch, length, parts.num_heads * d))
+            return self._o_proj(plan, i, attn, out.transpose(1, 2).reshape(batch, length, parts.num_heads * d))
 
         def inject(i, h):
             for inj in plan.injection:
