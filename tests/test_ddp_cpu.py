@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from modules.on_policy import counts_events, reduction_over_ranks
+from modules.update_log import counts_events, reduction_over_ranks
 from tests.helpers import prompt_file
 from tests.test_cli_and_checkpoints import cli
 

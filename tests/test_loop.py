@@ -9,7 +9,7 @@ import torch
 
 from datamodules.prompts import PromptSchedule, StartAt, encode_prompts, read_prompts
 from modules.errors import UserError
-from modules.on_policy import TrainingStopped
+from modules.run_guard import TrainingStopped
 from tests.helpers import LengthJudge, fit, loss_of, prompt_file, tiny_module
 
 
@@ -213,7 +213,7 @@ def test_heldout_report_says_when_there_is_nothing_to_compare():
 
 
 def test_lr_schedules():
-    from modules.on_policy import lr_factor
+    from modules.experience import lr_factor
 
     assert [lr_factor(u, 10, 0, "constant") for u in (0, 5, 9)] == [1.0, 1.0, 1.0]
     assert [lr_factor(u, 10, 2, "constant") for u in (0, 1, 2)] == pytest.approx([1 / 3, 2 / 3, 1.0])
