@@ -86,13 +86,17 @@ def run_training(argv: list[str] | None) -> None:
             parser.link_arguments("model", "data.init_args.prompts_per_update",
                                   compute_fn=lambda model: model.prompts_per_update, apply_on="instantiate")
 
-        def _instantiate_trainer(self, config: dict, callbacks: list):
-            configured = list(config.get("callbacks") or [])
+        def instantiate_trainer(self, **kwargs):
+            """The trainer, with :class:`UpdateProgressBar` unless the config has a progress bar or turns it
+            off; an unknown ``trainer.strategy`` is one line naming the strategies there are."""
+            config = self.config_init.get(str(self.subcommand), self.config_init).get("trainer") or {}
+            configured = config.get("callbacks") or []
+            configured = configured if isinstance(configured, list) else [configured]
             if config.get("enable_progress_bar") is not False and not any(
-                    isinstance(c, ProgressBar) for c in configured + callbacks):
-                callbacks = [*callbacks, UpdateProgressBar()]
+                    isinstance(c, ProgressBar) for c in configured):
+                kwargs = {"callbacks": [*configured, UpdateProgressBar()], **kwargs}
             try:
-                return super()._instantiate_trainer(config, callbacks)
+                return super().instantiate_trainer(**kwargs)
             except ValueError as err:
                 if "invalid strategy name" not in str(err):
                     raise
@@ -106,7 +110,8 @@ def run_training(argv: list[str] | None) -> None:
         def _parse_ckpt_path(self) -> None:
             """Refuse an unreadable ``--ckpt_path FILE`` at once. Unlike LightningCLI, the model's
             options are not replaced by the checkpoint's saved hyperparameters: the config given is
-            the config used, with a file as with ``last`` (a checkpoint holds only trainable state)."""
+            the config used, with a file as with ``last`` (a checkpoint holds only trainable state).
+            LightningCLI has no public switch for this step (tests/test_lightning_private_api.py)."""
             if self.config.get("subcommand") == "fit":
                 ckpt_path = self.config.fit.get("ckpt_path")
                 if ckpt_path and ckpt_path != "last":

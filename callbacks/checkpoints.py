@@ -41,11 +41,11 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import fsspec.utils
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.resumable_csv import ResumableCSVLogger
@@ -154,7 +154,7 @@ class PartialFileCheckpointIO(TorchCheckpointIO):
     writes only to a ``.partial`` name and renames it, so the write itself need not be atomic."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
+        if storage_options is not None or fsspec.utils.get_protocol(str(path)) != "file":
             return super().save_checkpoint(checkpoint, path, storage_options)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as file:
@@ -191,7 +191,9 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
-        self._resolve_dirpath(trainer)  # `fit --ckpt_path last` looks before setup runs
+        """Lightning's ``fit(ckpt_path="last")`` asks every ModelCheckpoint for its ``last`` files before
+        ``setup`` runs, so the folder is resolved here too (tests/test_lightning_private_api.py)."""
+        self._resolve_dirpath(trainer)
         return super()._find_last_checkpoints(trainer)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -218,11 +220,6 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
             shutil.copyfile(resumed, partial)
             os.replace(partial, last)
 
-    def _monitor_candidates(self, trainer: L.Trainer) -> dict:
-        candidates = super()._monitor_candidates(trainer)
-        candidates["update"] = torch.tensor(trainer.lightning_module.rollout_batches_done)
-        return candidates
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         update = pl_module.rollout_batches_done
         if update not in self.save_updates or update == self._last_update_saved or trainer.sanity_checking:
@@ -237,17 +234,24 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
                                                    final=update == pl_module.total_updates)
         except OSError as err:
             raise self._write_failed(f"the files of update {update}", err) from None
-        candidates = self._monitor_candidates(trainer)
-        self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
+        self._save_update(trainer, update)
         self._last_update_saved = update
+
+    def _save_update(self, trainer: L.Trainer, update: int) -> None:
+        """``update{N:06d}.ckpt``, then ``last.ckpt``. Each path is recorded before its file is written
+        (``best_model_path``, ``last_model_path``: part of the saved state), as ModelCheckpoint does."""
+        self.best_model_path = self.format_checkpoint_name({"update": update})
+        self._write_checkpoint(trainer, self.best_model_path)
+        self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+        self._write_checkpoint(trainer, self.last_model_path)
 
     def _write_metrics_row(self, trainer: L.Trainer) -> None:
         """Put this update's metrics row on disk before the checkpoint that counts it.
 
         Lightning logs a step's row after every ``on_train_batch_end`` hook, and this callback runs
         last among them (Lightning moves checkpoint callbacks to the end), so the row is complete
-        here; the logger then skips Lightning's copy of it.
+        here; the logger then skips Lightning's copy of it. Lightning has no public view of the row
+        before it is logged: the logger connector's is read (tests/test_lightning_private_api.py).
         """
         self._csv_rows = None
         connector = trainer._logger_connector
@@ -274,7 +278,7 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         """Saving is driven by update counts only (a run resumed from its final checkpoint saves nothing)."""
 
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+    def _write_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         partial = os.path.join(os.path.dirname(filepath), "." + os.path.basename(filepath) + ".partial")
         try:
             trainer.save_checkpoint(partial, self.save_weights_only)
@@ -284,8 +288,7 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             _replace(partial, filepath)
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
+        self._last_global_step_saved = trainer.global_step  # ModelCheckpoint's record, which loggers read
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)

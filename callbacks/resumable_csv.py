@@ -18,9 +18,11 @@ import io
 import os
 from typing import Any
 
+from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
 
 from modules.files import write_text_atomically
 
@@ -32,22 +34,34 @@ def _step_of(row: dict) -> int | None:
         return None
 
 
-class _DurableWriter(ExperimentWriter):
-    """Keeps every row in memory; each save rewrites the file atomically."""
+class _DurableWriter:
+    """The experiment writer of :class:`ResumableCSVLogger`: what ``CSVLogger`` asks of its writer
+    (``log_metrics``, ``log_hparams``, ``save``, the unsaved rows in ``metrics``), with every row kept
+    in memory and each save rewriting the file atomically. Lightning's own writer is not extended: on
+    start it deletes ``metrics.csv``, and it appends in place."""
+
+    NAME_METRICS_FILE = "metrics.csv"
+    NAME_HPARAMS_FILE = "hparams.yaml"
 
     def __init__(self, log_dir: str) -> None:
+        self.log_dir = log_dir
+        self.metrics_file_path = os.path.join(log_dir, self.NAME_METRICS_FILE)
+        self.metrics: list[dict[str, Any]] = []  # rows logged since the last save
+        self.metrics_keys: list[str] = []
+        self.hparams: dict[str, Any] = {}
         self.rows: list[dict[str, Any]] = []
         self._earlier: list[dict[str, Any]] | None = None  # an earlier run's rows, until we know what to keep
         self._written_now: tuple[int, dict] | None = None  # (step, row) written ahead of Lightning's logging
-        super().__init__(log_dir)
+        os.makedirs(log_dir, exist_ok=True)
         if os.path.isfile(self.metrics_file_path):
             with open(self.metrics_file_path, newline="") as file:
                 reader = csv.DictReader(file)
                 self._earlier = [row for row in reader if None not in row and _step_of(row) is not None]
                 self.metrics_keys = sorted(reader.fieldnames or [])
 
-    def _check_log_dir_exists(self) -> None:
-        """Keep what is there."""
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        self.hparams.update(params)
+        save_hparams_to_yaml(os.path.join(self.log_dir, self.NAME_HPARAMS_FILE), self.hparams)
 
     def keep_earlier_rows(self, count: int | None) -> None:
         """Keep the first ``count`` rows of the earlier run (``None``: decide by step at the first save)."""
@@ -63,7 +77,9 @@ class _DurableWriter(ExperimentWriter):
             if {**metrics_dict, "step": step} == written:
                 return  # already on disk
             self.rows = [row for row in self.rows if row is not written]  # a later hook logged more
-        super().log_metrics(metrics_dict, step)
+        row = {key: value.item() if isinstance(value, Tensor) else value for key, value in metrics_dict.items()}
+        row["step"] = len(self.metrics) if step is None else step
+        self.metrics.append(row)
 
     def write_row_now(self, metrics: dict[str, float], step: int) -> int:
         """Log ``metrics`` at ``step`` and save now; Lightning's own logging of that row is then
@@ -96,13 +112,20 @@ class _DurableWriter(ExperimentWriter):
 class ResumableCSVLogger(CSVLogger):
     """``CSVLogger`` whose ``metrics.csv`` is always whole and continues across resumes."""
 
+    _writer: _DurableWriter | None = None  # made on first use, on rank 0 only
+
     @property
     @rank_zero_experiment
     def experiment(self) -> _DurableWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _DurableWriter(log_dir=self.log_dir)
-        return self._experiment
+        if self._writer is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._writer = _DurableWriter(log_dir=self.log_dir)
+        return self._writer
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if self._writer is not None:  # a process that never logged has nothing to save
+            self.save()
 
     def write_row_now(self, metrics: dict[str, float], step: int) -> int:
         """Write the row of ``step`` (and any rows still buffered) to disk now; returns the row count."""
