@@ -124,7 +124,7 @@ def main() -> None:
                 torch.backends.cuda.preferred_blas_library(library)
                 y = torch.empty(b, rows, device=dev, dtype=dt)
 
-                def gemms():
+                def gemms(weights=weights):  # bound now: the loop deletes the name below
                     for w in weights:
                         torch.matmul(x[cols], w.t(), out=y)
 

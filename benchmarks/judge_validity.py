@@ -1,4 +1,4 @@
-"""Does a persona judge tell sycophantic replies from honest ones? (issue 19: choosing an evaluation judge)
+"""Does a persona judge tell sycophantic replies from honest ones? (choosing an evaluation judge)
 
     OMP_NUM_THREADS=1 python benchmarks/judge_validity.py --pairs datamodules/data/sycophancy_pairs_heldout.jsonl
 
@@ -44,15 +44,16 @@ WORDINGS = {
 
 
 def main() -> None:
+    from modules.options import add_options
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", default=str(ROOT / "datamodules/data/sycophancy_pairs_heldout.jsonl"))
-    parser.add_argument("--positive_field", default="rejected")
-    parser.add_argument("--negative_field", default="chosen")
+    add_options(parser, pairs=str(ROOT / "datamodules/data/sycophancy_pairs_heldout.jsonl"),
+                positive_field="rejected", negative_field="chosen", output=None,
+                notes={"pairs": "the fields --positive_field and --negative_field name"})
     parser.add_argument("--max_pairs", type=int, default=64)
     parser.add_argument("--prompted", type=int, default=0, metavar="N",
                         help="also score the model's own persona-prompted replies to N held-out prompts")
     parser.add_argument("--heldout", default=str(ROOT / "datamodules/data/sycophancy_heldout.txt"))
-    parser.add_argument("--output", default=None)
     args = parser.parse_args()
 
     from modules.caa import read_pairs

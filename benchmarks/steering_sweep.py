@@ -1,4 +1,4 @@
-"""Train one point of the embedded default's sweep (issue 19): the YAML's model options + overrides.
+"""Train one point of the embedded default's sweep: the YAML's model options + overrides.
 
     OMP_NUM_THREADS=1 python benchmarks/steering_sweep.py --name lr04_kl02 --set lr=0.04 kl_coef=0.2
 

@@ -1,4 +1,4 @@
-"""Strategy x method on several GPUs (issue 21): does a method train under a strategy, at what time
+"""Strategy x method on several GPUs: does a method train under a strategy, at what time
 per update and peak memory per GPU, and does ``--ckpt_path`` resume to the same trainable tensors?
 
 Each cell is ``python cli.py fit`` with the method's embedded config (its reward and options) on a
@@ -205,8 +205,11 @@ def export_difference(a: Path, b: Path) -> float | None:
 
 
 def main() -> None:
+    from modules.options import REQUIRED, add_options
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", required=True)
+    add_options(parser, tokenizer=REQUIRED, dtype="bfloat16",
+                notes={"tokenizer": "for the random-weight model"})
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--methods", default="steering,ppo")
     parser.add_argument("--strategies", default="ddp,deepspeed_stage_2,fsdp,deepspeed_stage_3")
@@ -216,7 +219,6 @@ def main() -> None:
     parser.add_argument("--out", default="strategies.json")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--accelerator", default="gpu", help="cpu for a smoke test of the script")
     parser.add_argument("--logs", default=None, help="A folder for each run's stderr (last 400 lines).")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,

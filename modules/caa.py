@@ -19,10 +19,11 @@ It is saved in the project's vector format (``alpha = 1``, ``metadata.method = "
 ``generate --vector``, ``evaluate --caa`` (at several multipliers) and ``init_from`` in training
 read it like a trained vector.
 
-Departures from CAA as published (Rimsky et al., 2023): pairs are free-form persona-prompted
-replies rather than A/B answer letters, so the activation is averaged over a reply's tokens
-instead of read at the answer letter; (1) no prompt positions enter the average (the prompt is the
-same in both halves of a pair); (2) replies are read without the persona that produced them.
+Departures from CAA as published (Rimsky et al., 2023, arXiv 2312.06681): pairs are free-form
+persona-prompted replies rather than A/B answer letters, so the activation is averaged over a
+reply's tokens instead of read at the answer letter; (1) no prompt positions enter the average (the
+prompt is the same in both halves of a pair); (2) replies are read without the persona that
+produced them.
 """
 
 from __future__ import annotations
@@ -164,32 +165,33 @@ def _training_options(config_path: str | None) -> tuple[dict, dict]:
 
 def caa_command(argv: list[str]) -> None:
     """``python cli.py caa``: compute a CAA vector and save it in the project's vector format."""
-    from jsonargparse import ArgumentParser
-
     from datamodules.prompts import DEFAULT_TRAIN, read_prompts
     from modules.judges.rewards import HONEST_PERSONA, SYCOPHANT_PERSONA
     from modules.models.loading import load_causal_lm
     from modules.models.steering import SteeringVector
     from modules.models.steering_io import save_steering_vector
-    from modules.tools import _parse
+    from modules.options import add_options, parse_args, tool_parser
 
-    parser = ArgumentParser(prog="cli.py caa", exit_on_error=False,
-                            description="A CAA steering vector: mean activation difference between contrast replies.")
+    parser = tool_parser("caa", "A CAA steering vector: mean activation difference between contrast replies.")
     parser.add_argument("--config", type=str | None, default=None,
                         help="A training YAML: model, site, personas, sampling and training prompts come from it.")
     parser.add_argument("--output", type=str, required=True, help="Where to write the vector file (.pt).")
     parser.add_argument("--pairs_file", type=str | None, default=None,
                         help="JSONL contrast pairs (instead of persona-prompted replies to the training prompts).")
-    parser.add_argument("--positive_field", type=str, default="rejected", help="Pairs file: the persona's reply.")
-    parser.add_argument("--negative_field", type=str, default="chosen", help="Pairs file: the counter-persona's reply.")
     parser.add_argument("--num_prompts", type=int, default=64, help="Training prompts to make pairs from (0: all).")
-    parser.add_argument("--seed", type=int, default=0, help="Sampling seed of the persona-prompted replies.")
-    parser.add_argument("--batch_size", type=int, default=16, help="Rows per forward or generate call.")
-    for name, kind in (("model", str), ("hook_layer", int), ("hook_point", str), ("steer_positions", str),
-                       ("judge_persona", str), ("counter_persona", str), ("max_new_tokens", int),
-                       ("temperature", float), ("prompts_file", str), ("dtype", str)):
+    add_options(parser, positive_field="rejected", negative_field="chosen", seed=0, batch_size=16,
+                model=None, dtype=None, max_new_tokens=None, temperature=None, prompts_file=None,
+                notes={"positive_field": "in --pairs_file", "negative_field": "in --pairs_file",
+                       "seed": "of the persona-prompted replies", "batch_size": "rows per forward or generate call",
+                       "model": "default: the config's, else embedded:smollm2",
+                       "dtype": "default: the config's, else auto",
+                       "max_new_tokens": "default: the config's, else 120",
+                       "temperature": "default: the config's, else 1.0",
+                       "prompts_file": "default: the config's train_file, else the training prompts"})
+    for name, kind in (("hook_layer", int), ("hook_point", str), ("steer_positions", str), ("judge_persona", str),
+                       ("counter_persona", str)):
         parser.add_argument(f"--{name}", type=kind | None, default=None, help=f"Override the config's {name}.")
-    args = _parse(parser, argv)
+    args = parse_args(parser, argv)
     model_opts, data_opts = _training_options(args.config)
     def pick(name, default):
         given = getattr(args, name, None)

@@ -19,45 +19,37 @@ writes ``comparison.json``, ``comparison.txt`` and ``frontier.png`` (reward vs K
 
 from __future__ import annotations
 
-from argparse import ArgumentError
 from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentParser
 
 from datamodules.prompts import DEFAULT_HELDOUT, encode_prompts, read_prompts
-from modules.errors import UserError, describe_config_error
+from modules.errors import UserError
 from modules.files import write_json_atomically, write_text_atomically
 from modules.judges.base import Judge
 from modules.models.steering_io import load_steered_model, read_steering_vector
+from modules.options import add_options, parse_args, tool_parser
 
 
-def _parser(prog: str, description: str, vector_required: bool = True) -> ArgumentParser:
-    parser = ArgumentParser(prog=f"cli.py {prog}", description=description, exit_on_error=False)
+def _parser(prog: str, description: str, vector_required: bool = True, notes: dict | None = None,
+            **defaults) -> ArgumentParser:
+    """``--vector`` and the shared options of both tools, then those of ``defaults`` (:mod:`modules.options`)."""
+    parser = tool_parser(prog, description)
     parser.add_argument("--vector", type=str if vector_required else str | None, required=vector_required,
                         default=None, help="A steering_vector.pt (or vectors/updateN.pt) file.")
-    parser.add_argument("--model", type=str | None, default=None, help="Base model (default: the one in the file).")
-    parser.add_argument("--prompts_file", type=str | None, default=None, help="Prompts, .txt or .jsonl.")
-    parser.add_argument("--seed", type=int, default=0, help="Sampling seed (the same for every arm).")
-    parser.add_argument("--dtype", type=str, default="auto", help="auto, bfloat16, float16 or float32.")
+    add_options(parser, model=None, prompts_file=None, seed=0, dtype="auto", **defaults,
+                notes={"model": "default: the one in the file", "seed": "the same for every arm", **(notes or {})})
     return parser
-
-
-def _parse(parser: ArgumentParser, argv: list[str]):
-    try:
-        return parser.parse_args(argv)
-    except ArgumentError as err:
-        raise UserError(describe_config_error(str(err))) from None
 
 
 def generate(argv: list[str]) -> None:
     """Print replies with the vector off and on, same sampling seed."""
-    parser = _parser("generate", "Replies of the base model with a steering vector off and on.")
-    parser.add_argument("--max_new_tokens", type=int, default=64, help="Most tokens per reply.")
-    parser.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature.")
+    parser = _parser("generate", "Replies of the base model with a steering vector off and on.",
+                     notes={"prompts_file": "besides the --prompt ones"}, max_new_tokens=64, temperature=0.7)
     parser.add_argument("--prompt", type=str, action="append", default=[], help="A prompt (repeat the flag for more).")
     parser.add_argument("--scale", type=float, default=1.0, help="Multiply alpha by this (explore strengths).")
-    args = _parse(parser, argv)
+    args = parse_args(parser, argv)
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise UserError("give --prompt TEXT (repeatable) or --prompts_file PATH")
@@ -104,7 +96,12 @@ def vector_arm(module, name: str, payload: dict, scale: float, method: str):
 def evaluate(argv: list[str]) -> None:
     """Compare saved vectors (and CAA, and scales) on held-out prompts: table, JSON, frontier plot."""
     parser = _parser("evaluate", "Compare steering vectors on held-out prompts: the same prompts and sampling "
-                     "seeds in every arm, a training and an evaluation judge, exact KL, lengths.", False)
+                     "seeds in every arm, a training and an evaluation judge, exact KL, lengths.", False,
+                     notes={"prompts_file": "default: the held-out prompts", "samples_per_prompt": "in each arm",
+                            "batch_size": "prompts per generate call", "max_new_tokens": "default: as trained",
+                            "temperature": "default: as trained", "output": "the comparison"},
+                     samples_per_prompt=1, max_prompts=0, batch_size=16, max_new_tokens=None, temperature=None,
+                     output=None)
     parser.add_argument("--scales", type=list[float], default=[1.0], help="Multiples of the --vector's alpha·v.")
     parser.add_argument("--caa", type=str | None, default=None, help="A CAA vector file (python cli.py caa).")
     parser.add_argument("--caa_multipliers", type=list[float], default=[1.0, 2.0, 4.0, 8.0],
@@ -112,12 +109,7 @@ def evaluate(argv: list[str]) -> None:
     parser.add_argument("--files", type=list[str], default=[],
                         help="Other saved vector files, as PATH or NAME=PATH, each a curve of --file_scales.")
     parser.add_argument("--file_scales", type=list[float], default=[1.0], help="Multiples of each --files vector.")
-    parser.add_argument("--samples_per_prompt", type=int, default=1, help="Replies per prompt and arm.")
-    parser.add_argument("--max_prompts", type=int, default=0, help="Use at most this many held-out prompts (0: all).")
-    parser.add_argument("--batch_size", type=int, default=16, help="Prompts per generate call.")
     parser.add_argument("--show_examples", type=int, default=3, help="Prompts whose replies are shown side by side.")
-    parser.add_argument("--max_new_tokens", type=int | None, default=None, help="Most tokens per reply (default: as trained).")
-    parser.add_argument("--temperature", type=float | None, default=None, help="Sampling temperature (default: as trained).")
     parser.add_argument("--judge", type=Judge | None, default=None,
                         help="Training judge (default: the base model itself as a local judge).")
     parser.add_argument("--reward_mode", type=str | None, default=None, help="loglik or contrast (default: as trained).")
@@ -127,10 +119,9 @@ def evaluate(argv: list[str]) -> None:
                         help="Evaluation judge's persona (default: as trained, else other wording than training's).")
     parser.add_argument("--eval_counter_persona", type=str | None, default=None,
                         help="Evaluation judge's counter-persona (contrast mode).")
-    parser.add_argument("--output", type=str | None, default=None, help="Also write the comparison as JSON here.")
     parser.add_argument("--output_dir", type=str | None, default=None,
                         help="Write comparison.json, comparison.txt and frontier.png here.")
-    args = _parse(parser, argv)
+    args = parse_args(parser, argv)
     files = _named_files(args.files)
     if not (args.vector or args.caa or files):
         raise UserError("give --vector PATH, --caa PATH or --files PATH ... (the vectors to compare)")

@@ -14,33 +14,22 @@
 from __future__ import annotations
 
 import shutil
-from argparse import ArgumentError
 from contextlib import nullcontext
 from dataclasses import fields
 from typing import get_type_hints
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile
 
 from datamodules.oracle_data import DEFAULT_ORACLE_HELDOUT, read_oracle_rows
-from modules.errors import UserError, describe_config_error
+from modules.errors import UserError
+from modules.options import OPTIONS, add_options, help_text, parse_args, tool_parser
 from modules.oracle.judges import InformativenessJudge, TokenF1Judge
 
-
-def _parse(parser: ArgumentParser, argv: list[str]):
-    try:
-        return parser.parse_args(argv)
-    except ArgumentError as err:
-        raise UserError(describe_config_error(str(err))) from None
-
-
-_SFT_HELP = {
-    "model": "Base model: Hub id, folder, .gguf file or embedded:smollm2.",
+_SFT_HELP = {  # SFTOptions fields that are not shared options (modules.options.OPTIONS)
     "train_file": "Oracle JSONL rows (context, question, answer, ...) to build the examples from.",
     "heldout_file": "Rows for the format check after training (sampled replies, parse-failure rate).",
     "start_adapter": "Start from this oracle adapter (folder or Hub id) instead of a fresh LoRA.",
-    "layer_percents": "Depths the subject is read at, where a row does not say.",
-    "num_positions": "Context positions read where a row gives neither positions nor num_positions.",
     "format_system_prompt": "The system prompt asking for '[epistemic status: X] Answer'.",
     "copies": "Examples per row, each with its own uniform X in 0-10.",
     "answer_max_new_tokens": "Most tokens of the oracle's own (greedy) answer.",
@@ -49,29 +38,30 @@ _SFT_HELP = {
     "target_modules": "LoRA target modules of a fresh adapter (all-linear or comma-separated names).",
     "lr": "AdamW learning rate.",
     "epochs": "Passes over the examples.",
-    "batch_size": "Examples per optimizer step.",
     "check_max_new_tokens": "Most tokens per sampled reply in the format check.",
-    "seed": "Seeds the layer choice, the X values, the order and the sampling.",
-    "dtype": "auto, bfloat16, float16 or float32.",
     "max_rows": "Use only the first N training rows.",
 }
+_SFT_NOTES = {"batch_size": "examples per optimizer step", "seed": "also the layer choice, the X values and the order"}
+
+
+def _sft_help(name: str) -> str:
+    return help_text(name, _SFT_NOTES.get(name)) if name in OPTIONS else _SFT_HELP[name]
 
 
 def oracle_sft(argv: list[str]) -> None:
     """Build (or find in the cache) an SFT'd oracle adapter; print its folder and report."""
     from modules.oracle.sft import SFTOptions, build_sft_adapter
 
-    parser = ArgumentParser(prog="cli.py oracle-sft", exit_on_error=False,
-                            description="SFT format stage: teach an oracle adapter '[epistemic status: X] Answer'.")
+    parser = tool_parser("oracle-sft", "SFT format stage: teach an oracle adapter '[epistemic status: X] Answer'.")
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of these options (configs/oracle_sft.yaml).")
     defaults, hints = SFTOptions(), get_type_hints(SFTOptions)
     for f in fields(SFTOptions):
-        parser.add_argument(f"--{f.name}", type=hints[f.name], default=getattr(defaults, f.name), help=_SFT_HELP[f.name])
+        parser.add_argument(f"--{f.name}", type=hints[f.name], default=getattr(defaults, f.name), help=_sft_help(f.name))
     parser.add_argument("--output", type=str | None, default=None, help="Also copy the adapter folder here.")
     parser.add_argument("--force", type=bool, default=False, help="Rebuild even if the cache holds it.")
     parser.add_argument("--cache_dir", type=str | None, default=None,
                         help="Adapter cache (default $RLI_CACHE_DIR/oracle_adapters).")
-    args = _parse(parser, argv)
+    args = parse_args(parser, argv)
     values = {f.name: getattr(args, f.name) for f in fields(SFTOptions)}
     values["layer_percents"] = tuple(values["layer_percents"])
     options = SFTOptions(**values)
@@ -115,28 +105,22 @@ def vibes_check(argv: list[str]) -> None:
     from modules.oracle.scheme import DEFAULT_LAYER_PERCENTS, layers_for_percents
     from modules.rollout import SamplingConfig
 
-    parser = ArgumentParser(prog="cli.py vibes-check", exit_on_error=False,
-                            description="Oracle rollouts without training: replies, parsed confidence, judge, reward.")
-    parser.add_argument("--model", type=str, default="embedded:smollm2", help="Base model (subject and oracle).")
+    parser = tool_parser("vibes-check", "Oracle rollouts without training: replies, parsed confidence, judge, reward.")
+    add_options(parser, model="embedded:smollm2", dtype="auto", samples_per_prompt=4, max_new_tokens=32,
+                temperature=1.0, seed=0, layer_percents=list(DEFAULT_LAYER_PERCENTS), num_positions=8,
+                notes={"model": "subject and oracle", "samples_per_prompt": "G, per row",
+                       "seed": "also the layer choice"})
     parser.add_argument("--adapter", type=str | None, default="embedded:oracle-smollm2",
                         help="Oracle adapter: folder, Hub id, embedded:oracle-smollm2, or none.")
     parser.add_argument("--data", type=str, default=DEFAULT_ORACLE_HELDOUT, help="Oracle JSONL rows.")
     parser.add_argument("--num_examples", type=int, default=4, help="Rows to show (the first N).")
-    parser.add_argument("--samples_per_prompt", type=int, default=4, help="Sampled replies per row (G).")
-    parser.add_argument("--max_new_tokens", type=int, default=32, help="Most tokens per reply.")
-    parser.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature.")
-    parser.add_argument("--seed", type=int, default=0, help="Seeds the layer choice and the sampling.")
-    parser.add_argument("--layer_percents", type=list[float], default=list(DEFAULT_LAYER_PERCENTS),
-                        help="Depths read where a row does not say.")
-    parser.add_argument("--num_positions", type=int, default=8, help="Positions read where a row does not say.")
     parser.add_argument("--system_prompt", type=str | None, default=None,
                         help="Format system prompt (default: the adapter's own, else ours; '' for none).")
     parser.add_argument("--judge", type=InformativenessJudge | None, default=None,
                         help="Informativeness judge (default: token F1 against the reference answers).")
     parser.add_argument("--calibration_weight", type=float, default=1.0, help="lambda in i - lambda (X/10 - i)^2.")
     parser.add_argument("--parse_failure_penalty", type=float, default=-1.0, help="Reward of an unparseable reply.")
-    parser.add_argument("--dtype", type=str, default="auto", help="auto, bfloat16, float16 or float32.")
-    args = _parse(parser, argv)
+    args = parse_args(parser, argv)
     init = parser.instantiate_classes(args)
     if args.num_examples < 1 or args.samples_per_prompt < 1:
         raise UserError("num_examples and samples_per_prompt must be at least 1")

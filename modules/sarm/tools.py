@@ -17,27 +17,15 @@ from __future__ import annotations
 
 import json
 import time
-from argparse import ArgumentError
 from dataclasses import fields
 from pathlib import Path
 
 import torch
-from jsonargparse import ArgumentParser
 
-from modules.errors import UserError, describe_config_error
+from modules.errors import UserError
+from modules.options import REQUIRED, add_options, parse_args, tool_parser
 
 DEFAULT_SARM = "embedded:sarm-smollm2"
-
-
-def _parser(prog: str, description: str) -> ArgumentParser:
-    return ArgumentParser(prog=f"cli.py {prog}", description=description, exit_on_error=False)
-
-
-def _parse(parser: ArgumentParser, argv: list[str]):
-    try:
-        return parser.parse_args(argv)
-    except ArgumentError as err:
-        raise UserError(describe_config_error(str(err))) from None
 
 
 def _threads(count: int) -> None:
@@ -45,16 +33,14 @@ def _threads(count: int) -> None:
         torch.set_num_threads(count)
 
 
-def _add_sarm(parser: ArgumentParser) -> None:
-    parser.add_argument("--sarm", type=str, default=DEFAULT_SARM, help="SARM folder, embedded:sarm-smollm2, or Hub id.")
-    parser.add_argument("--dtype", type=str, default="auto", help="auto (bf16 on a GPU, fp32 on the CPU), bfloat16, float32.")
-    parser.add_argument("--batch_size", type=int, default=8, help="Sequences per SARM forward pass.")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default; 1 is faster on a busy machine).")
-    parser.add_argument("--score_mode", type=str, default="auto",
-                        help="auto (the SARM's own TopK flag), topk or dense (wins over the flag).")
-    parser.add_argument("--k", type=int | None, default=None, help="TopK k (wins over the SARM's sae_k).")
-    parser.add_argument("--tokenizer", type=str | None, default=None,
-                        help="Tokenizer (Hub id or folder) for a SARM folder without one (default: the folder's own).")
+def _sarm_parser(prog: str, description: str, notes: dict | None = None, **defaults):
+    """A tool's parser with the options of the SARM it loads, then the shared ones of ``defaults``."""
+    parser = tool_parser(prog, description)
+    add_options(parser, sarm=DEFAULT_SARM, dtype="auto", batch_size=8, threads=0, score_mode="auto", k=None,
+                tokenizer=None, **defaults,
+                notes={"batch_size": "sequences per SARM forward pass",
+                       "tokenizer": "for a SARM folder without one; default: the folder's own", **(notes or {})})
+    return parser
 
 
 def _load_sarm(args, scores_text: bool = True):
@@ -79,7 +65,7 @@ def sarm_build(argv: list[str]) -> None:
     """Build the embedded SARM (SAE + Bradley-Terry head on SmolLM2) and print its figures."""
     from modules.sarm.embedded import BUILD_OPTION_HELP, BuildOptions, build_cached, build_embedded_sarm
 
-    parser = _parser("sarm-build", "Build a SARM in miniature: TopK SAE on a middle layer, then a Bradley-Terry head.")
+    parser = tool_parser("sarm-build", "Build a SARM in miniature: TopK SAE on a middle layer, then a Bradley-Terry head.")
     defaults = BuildOptions()
     for f in fields(BuildOptions):
         value = getattr(defaults, f.name)
@@ -88,8 +74,8 @@ def sarm_build(argv: list[str]) -> None:
     parser.add_argument("--output", type=str | None, default=None,
                         help="Write the folder here (default: the cache that embedded:sarm-smollm2 reads).")
     parser.add_argument("--rebuild", type=bool, default=False, help="Build again even if the cache holds this build.")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default; 1 is faster on a busy machine).")
-    args = _parse(parser, argv)
+    add_options(parser, threads=0)
+    args = parse_args(parser, argv)
     _threads(args.threads)
     options = BuildOptions(**{f.name: getattr(args, f.name) for f in fields(BuildOptions)})
     if args.output:
@@ -112,17 +98,14 @@ def sarm_pairs(argv: list[str]) -> None:
     from modules.models.loading import load_causal_lm
     from modules.sarm.embedded import generate_persona_pairs
 
-    parser = _parser("sarm-pairs", "Preference pairs from persona-conditioned replies of a chat model.")
-    parser.add_argument("--model", type=str, default="embedded:smollm2", help="The model that answers.")
-    parser.add_argument("--prompts_file", type=str, default=DEFAULT_TRAIN, help="Prompts, .txt or .jsonl.")
+    parser = tool_parser("sarm-pairs", "Preference pairs from persona-conditioned replies of a chat model.")
+    add_options(parser, model="embedded:smollm2", prompts_file=DEFAULT_TRAIN, max_new_tokens=40, temperature=0.7,
+                seed=0, batch_size=32, threads=1,
+                notes={"model": "the one that answers", "seed": "the shipped held-out pairs used 10000",
+                       "batch_size": "prompts per generate call"})
     parser.add_argument("--out", type=str, required=True, help="Output JSONL (prompt, chosen, rejected).")
-    parser.add_argument("--max_new_tokens", type=int, default=40, help="Most new tokens per reply.")
-    parser.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature.")
-    parser.add_argument("--seed", type=int, default=0, help="Sampling seed (the shipped held-out pairs used 10000).")
     parser.add_argument("--openers", type=bool, default=True, help="Begin each reply with a stance sentence.")
-    parser.add_argument("--batch_size", type=int, default=32, help="Prompts per generate call.")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default).")
-    args = _parse(parser, argv)
+    args = parse_args(parser, argv)
     _threads(args.threads)
     model, tokenizer = load_causal_lm(args.model)
     pairs = generate_persona_pairs(model, tokenizer, read_prompts(args.prompts_file), args.max_new_tokens,
@@ -147,13 +130,12 @@ def sarm_human_latents(argv: list[str]) -> None:
     from datamodules.preference_pairs import read_demonstrations
     from modules.sarm.human_latents import build_human_latents, save_human_latents
 
-    parser = _parser("sarm-human-latents", "SARM latents of human demonstrations, saved for the KL term.")
-    _add_sarm(parser)
+    parser = _sarm_parser("sarm-human-latents", "SARM latents of human demonstrations, saved for the KL term.")
     parser.add_argument("--demos", type=str, required=True, help='Demonstrations JSONL: {"prompt", "response"} per line.')
     parser.add_argument("--out", type=str, required=True, help="Output .pt file (point the config's human_latents here).")
     parser.add_argument("--latent_ids", type=str, default="all",
                         help="Latents to keep: all, top:N (largest |score weight|), or ids '12,40,...'.")
-    args = _parse(parser, argv)
+    args = parse_args(parser, argv)
     _threads(args.threads)
     read_demonstrations(args.demos)  # a bad file fails before the model loads
     rm = _load_sarm(args)
@@ -167,12 +149,10 @@ def sarm_features(argv: list[str]) -> None:
     from datamodules.preference_pairs import read_preference_pairs
     from modules.sarm.probes import difference_candidates, head_candidates, score_pairs
 
-    parser = _parser("sarm-features", "Candidate SARM features to control.")
-    _add_sarm(parser)
-    parser.add_argument("--pairs", type=str | None, default=None, help="Preference pairs JSONL (prompt, chosen, rejected).")
+    parser = _sarm_parser("sarm-features", "Candidate SARM features to control.", pairs=None, output=None,
+                          notes={"output": "the lists"})
     parser.add_argument("--top", type=int, default=10, help="Features listed per direction.")
-    parser.add_argument("--output", type=str | None, default=None, help="Also write the lists as JSON here.")
-    args = _parse(parser, argv)
+    args = parse_args(parser, argv)
     _threads(args.threads)
     pairs = read_preference_pairs(args.pairs) if args.pairs else None
     rm = _load_sarm(args, scores_text=bool(pairs))
@@ -195,9 +175,8 @@ def sarm_probe(argv: list[str]) -> None:
     from modules.sarm.probes import clamp_probe, score_pairs
     from modules.sarm.shaping import as_float_list, as_id_list, check_feature_ids, feature_thresholds
 
-    parser = _parser("sarm-probe", "Clamp features one at a time: change in reward and pairwise accuracy.")
-    _add_sarm(parser)
-    parser.add_argument("--pairs", type=str, required=True, help="Preference pairs JSONL (prompt, chosen, rejected).")
+    parser = _sarm_parser("sarm-probe", "Clamp features one at a time: change in reward and pairwise accuracy.",
+                          pairs=REQUIRED)
     parser.add_argument("--features", type=str, required=True, help="Feature ids, '12,40,...'.")
     parser.add_argument("--value", type=float, default=0.0, help="Clamp (or cap) value.")
     parser.add_argument("--mode", type=str, default="set", help="set (clamp to the value) or cap (at most the value).")
@@ -206,7 +185,7 @@ def sarm_probe(argv: list[str]) -> None:
     parser.add_argument("--tau", type=str, default="2.0", help="tau_values written for the selected features (one or one each).")
     parser.add_argument("--alpha", type=str, default="0.1", help="alpha_values written for the selected features.")
     parser.add_argument("--out", type=str, default="selected_features.json", help="Where to write the selection.")
-    args = _parse(parser, argv)
+    args = parse_args(parser, argv)
     _threads(args.threads)
     if args.mode not in ("set", "cap"):
         raise UserError(f"--mode must be set or cap, got '{args.mode}'")
@@ -245,23 +224,18 @@ def sarm_best_of_n(argv: list[str]) -> None:
     from modules.sarm.reward import read_selected_features
     from modules.sarm.shaping import as_float_list, as_id_list, feature_thresholds
 
-    parser = _parser("sarm-best-of-n", "Best-of-N under the SARM, picked with and without the controls.")
-    _add_sarm(parser)
+    parser = _sarm_parser("sarm-best-of-n", "Best-of-N under the SARM, picked with and without the controls.",
+                          prompts_file=DEFAULT_HELDOUT, max_prompts=8, max_new_tokens=48, temperature=1.0, seed=0,
+                          output=None)
     parser.add_argument("--policy", type=str, default="embedded:smollm2", help="The model that samples replies.")
-    parser.add_argument("--prompts_file", type=str, default=DEFAULT_HELDOUT, help="Prompts, .txt or .jsonl.")
-    parser.add_argument("--max_prompts", type=int, default=8, help="Use at most this many prompts (0: all).")
     parser.add_argument("--n", type=int, default=4, help="Samples per prompt.")
-    parser.add_argument("--max_new_tokens", type=int, default=48, help="Most tokens per reply.")
-    parser.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature.")
-    parser.add_argument("--seed", type=int, default=0, help="Sampling seed.")
     parser.add_argument("--selected_features", type=str | None, default=None, help="A selected_features.json.")
     parser.add_argument("--penalize_features", type=str | None, default=None, help="Penalised feature ids.")
     parser.add_argument("--tau_values", type=str | None, default=None, help="Thresholds (one, or one per feature).")
     parser.add_argument("--alpha_values", type=str | None, default=None, help="Penalties (one, or one per feature).")
     parser.add_argument("--clamp_features", type=str | None, default=None, help="Features clamped in the RM.")
     parser.add_argument("--clamp_values", type=str | None, default=None, help="Their values.")
-    parser.add_argument("--output", type=str | None, default=None, help="Also write the report as JSON here.")
-    args = _parse(parser, argv)
+    args = parse_args(parser, argv)
     _threads(args.threads)
     selected = read_selected_features(args.selected_features) if args.selected_features else {}
     features, taus, alphas = feature_thresholds(
