@@ -1,5 +1,8 @@
 """OracleGRPO: GRPO / Dr. GRPO for a LoRA "activation oracle" that answers with a calibrated confidence.
 
+Papers: Activation Oracles (arXiv 2512.15674), GRPO (arXiv 2402.03300), Dr. GRPO (arXiv
+2503.20783), DAPO's clip-higher and token-level loss (arXiv 2503.14476).
+
 One model with a LoRA adapter plays two roles: with every adapter off it is the *subject*, whose
 residual stream is read on a context; with the oracle adapter on it is the *oracle*, which gets the
 subject's activations injected at the ` ?` placeholders of its prompt (layer 1, norm-matched) and
@@ -18,19 +21,19 @@ answers ``[epistemic status: X] Answer``. Each update (see :mod:`modules.on_poli
 
 with the math in :mod:`modules.rl.grpo` (TRL's GRPO definitions where they overlap).
 
-Where this departs from seed 002 and TRL:
+Design choices, and where this departs from TRL:
 
 1. The KL reference is the oracle as training started (the starting adapter loaded a second time,
    frozen, on the same base, with the same injections); adapter-off is the subject, never the
    reference.
-2. The default loss is Dr. GRPO's (``loss_type: dr_grpo``, ``scale_rewards: none``) as the seed
-   used; TRL's defaults differ. Invalid samples (judge failures) carry no weight in any
+2. The default loss is Dr. GRPO's (``loss_type: dr_grpo``, ``scale_rewards: none``); TRL's
+   defaults differ. Invalid samples (judge failures) carry no weight in any
    normaliser, where TRL counts their rows and tokens; with several ranks the normalisers count
    every rank's replies or tokens (see :mod:`modules.rl.grpo`, departures 1 and 2).
 3. Each row reads one extraction layer chosen by a seeded hash of the row (the same in every
-   rollout of a run); the seed drew a layer per use.
+   rollout of a run).
 4. The format system prompt comes from the adapter's ``ao_config.json`` (written by our SFT stage)
-   unless the config sets one; the seed hard-coded its own.
+   unless the config sets one.
 5. A reliability table and diagram of the training rollouts since the previous checkpoint are
    written at every checkpoint (``reliability/update{N}.png`` / ``.json``).
 """
@@ -102,6 +105,7 @@ class OracleGRPO(LoRAMethod):
     arm_names = ("start adapter", "trained adapter")
     curve_metrics = ("reward/mean", "reward/informativeness", "reward/confidence", "reward/calibration_error",
                      "reward/parse_failure", "response/length", "judge/failed")
+    progress_bar_kl = "kl/k3_token"
 
     def __init__(
         self,
@@ -139,7 +143,6 @@ class OracleGRPO(LoRAMethod):
             raise UserError(f"epsilon and epsilon_high must be > 0 and beta >= 0, got {epsilon}, {epsilon_high}, {beta}")
         if not 1 <= num_positions <= 20:
             raise UserError(f"num_positions must be between 1 and 20, got {num_positions}")
-        self.model_name = model
         base, self.tokenizer = self.load_base(model, dtype, load_in_4bit)
         self.tokenizer.padding_side = "left"
         self.layer_percents, self.num_positions = list(layer_percents), num_positions
@@ -237,9 +240,9 @@ class OracleGRPO(LoRAMethod):
                                      self.epsilon_high, self.beta)
         loss = self.aggregate(terms.loss, terms.weight, totals)
         tokens = terms.weight.sum().clamp(min=1)
-        metrics = {"clip_ratio": (terms.clipped * terms.weight).sum() / tokens}
+        metrics = {"clipfrac": (terms.clipped * terms.weight).sum() / tokens}
         if terms.kl is not None:
-            metrics["kl/token"] = (terms.kl * terms.weight).sum() / tokens
+            metrics["kl/k3_token"] = (terms.kl * terms.weight).sum() / tokens
         return loss, metrics
 
     # -- reports -------------------------------------------------------------------------------

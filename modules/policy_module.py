@@ -40,6 +40,8 @@ class PolicyModule(L.LightningModule):
     logit_chunk_tokens: int = 1024
     arm_names: tuple[str, str] = ("reference", "trained")
     """Names of the reference and trained policy in held-out reports."""
+    progress_bar_kl: str = "kl/token"
+    """The logged metric the progress bar shows as ``kl`` (each method names its own KL estimate)."""
 
     # -- options the loop sets (see OnPolicyModule's arguments) --------------------------------
     sampling: SamplingConfig

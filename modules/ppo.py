@@ -1,4 +1,4 @@
-"""PPO on a LoRA policy with a value head (seed 003's sycophancy PPO is a config of this module).
+"""PPO (arXiv 1707.06347) with GAE (arXiv 1506.02438) on a LoRA policy with a value head.
 
 A frozen base model gets a trainable LoRA adapter (fresh, or started from an adapter folder such as
 an SFT adapter) and a scalar value head on its final hidden state. Each update (see
@@ -8,8 +8,9 @@ an SFT adapter) and a scalar value head on its final hidden state. Each update (
                  rewards from ``reward`` (a judge, a reward model, a data field)
     score        old log-probs and values (adapter on), reference log-probs (the policy as training
                  started: adapter off, or the frozen copy of the starting adapter)
-    advantages   per-token rewards r_t = -kl_coef * (log p - log p_ref) (+ the reward at the last
-                 token), GAE(gamma, lam) with the old values, advantages whitened over the batch
+    advantages   per-token rewards r_t = -kl_coef * (log p - log p_ref) (``kl_estimator: reward``;
+                 + the reward at the last token), GAE(gamma, lam) with the old values, advantages
+                 whitened over the batch
     update       ppo_epochs x num_minibatches optimizer steps on the clipped surrogate
 
     loss = pg_clip + value_coef * value_clip - entropy_coef * entropy  (+ kl_coef * KL if a loss term)
@@ -17,24 +18,23 @@ an SFT adapter) and a scalar value head on its final hidden state. Each update (
 with the math in :mod:`modules.rl.ppo` (TRL's definitions where they overlap, apart from the
 score's position: departure 8).
 
-Where this departs from TRL's PPOTrainer and seed 003:
+Where this departs from TRL's PPOTrainer:
 
 1. The value head sits on the policy's own final hidden state (one model, one forward for
    log-probs and values), not on a separate value model; ``value_detach_trunk`` keeps the value
    loss out of the LoRA weights.
-2. An entropy bonus is part of the loss (seed 003's ``entropy_coef``); TRL only logs entropy.
+2. An entropy bonus is part of the loss (``entropy_coef``); TRL only logs entropy.
 3. Besides TRL's per-token log-ratio in the rewards (``kl_estimator: reward``), the KL can be a
    loss term: the exact KL over the vocabulary (``exact``) or k3 (``k3``), token means.
 4. The reference is the policy as training started, never a second copy of the base model: adapter
    off for a fresh adapter, else the starting adapter loaded a second time, frozen, on the same base.
-   Seed 003 had no reference (its KL coefficient was 0).
 5. Dropout is off when sampling and scoring (old log-probs are those of the sampling policy);
    ``lora_dropout > 0`` applies it in the loss forward only.
 6. Samples whose reward failed are masked out of every mean (their tokens get no weight) and
    counted, never scored 0. An epoch whose mean approximate KL to the sampling policy exceeds
    ``target_kl`` ends the update early (as CleanRL's PPO does).
-7. ``rollouts: from_data`` trains on (prompt, response, reward) rows, as seed 003 did, with the
-   same loss; such replies are not the policy's own, so the first ratio is 1 only by construction.
+7. ``rollouts: from_data`` trains on given (prompt, response, reward) rows with the same loss;
+   such replies are not the policy's own, so the first ratio is 1 only by construction.
 8. The score sits on the last token of the response mask, which includes the sampled end-of-turn
    token, and that token is in the policy loss and gets a KL reward. TRL's PPOTrainer differs for
    every reply that ends in EOS: with pad == EOS (SmolLM2) it drops the EOS's log-prob from the
@@ -65,19 +65,12 @@ from modules.lora_method import LoRAMethod
 from modules.on_policy import Experience, PromptBatch
 from modules.rewards import RewardFunction
 from modules.rl import ppo as ppo_math
-from modules.rl.kl import KLEstimator, exact_kl, k3_kl
+from modules.rl.kl import KLEstimator, kl_term
 from modules.rl.losses import scatter_to_rows
 from modules.rollout import Rollout, rollout, teacher_forced_rollout
 from modules.sharding import total_norm
 
 RolloutSource = Literal["sample", "from_data"]
-
-# the KL term of the loss, per token, from (logp, ref_logp, exact KL); "reward" puts it in the rewards
-KL_LOSS_TERMS = {
-    "exact": lambda logp, ref_logp, full_kl: full_kl,
-    "k3": lambda logp, ref_logp, full_kl: k3_kl(logp, ref_logp),
-    "reward": None,
-}
 
 
 class ValueHead(nn.Module):
@@ -129,8 +122,9 @@ class PPO(LoRAMethod):
     """
 
     arm_names = ("adapter off", "adapter on")
-    curve_metrics = ("reward/mean", "reward/ema", "kl/token", "response/length", "loss/value",
+    curve_metrics = ("reward/mean", "reward/ema", "kl/sampled_log_ratio_token", "response/length", "loss/value",
                      "explained_variance", "clipfrac", "judge/failed")
+    progress_bar_kl = "kl/sampled_log_ratio_token"
 
     def __init__(
         self,
@@ -165,11 +159,11 @@ class PPO(LoRAMethod):
         loop_options.setdefault("lr", 1e-5)
         super().__init__(**loop_options)
         self.save_hyperparameters(ignore=["reward"])
-        self._check_options(kl_estimator, kl_coef, gamma, lam, clip_range, clip_range_value, value_coef, entropy_coef,
+        self.kl = kl_term(kl_estimator)
+        self._check_options(kl_coef, gamma, lam, clip_range, clip_range_value, value_coef, entropy_coef,
                             ppo_epochs, num_minibatches, target_kl, rollouts, logit_chunk_tokens)
         if not lora_alpha > 0:
             raise UserError(f"lora_alpha must be > 0, got {lora_alpha} (the adapter's scale is lora_alpha / lora_r)")
-        self.model_name, self.adapter_path = model, adapter_path
         base, self.tokenizer = self.load_base(model, dtype, load_in_4bit)
         self.tokenizer.padding_side = "left"
         self.lora = LoRAPolicy(base, adapter_path, lora_r, lora_alpha, lora_dropout, lora_target_modules)
@@ -180,9 +174,7 @@ class PPO(LoRAMethod):
         self.reward = reward
         self.reward.attach(self.policy, self.tokenizer, self.lora.base)
         self.rollout_source, self.response_field = rollouts, response_field
-        self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
-        self.kl_loss_term = KL_LOSS_TERMS[kl_estimator]  # None: in the per-token rewards
-        self.full_kl = exact_kl if kl_estimator == "exact" else None
+        self.kl_coef = kl_coef
         self.gamma, self.lam = gamma, lam
         self.whiten_advantages, self.whiten_rewards = whiten_advantages, whiten_rewards
         self.clip_range, self.clip_range_value = clip_range, clip_range_value
@@ -192,10 +184,8 @@ class PPO(LoRAMethod):
         self.logit_chunk_tokens = logit_chunk_tokens
         self._advantage_metrics: dict[str, float] = {}
 
-    def _check_options(self, kl_estimator, kl_coef, gamma, lam, clip_range, clip_range_value, value_coef,
-                       entropy_coef, ppo_epochs, num_minibatches, target_kl, rollouts, logit_chunk_tokens) -> None:
-        if kl_estimator not in KL_LOSS_TERMS:
-            raise UserError(f"unknown kl_estimator '{kl_estimator}': use reward, exact or k3")
+    def _check_options(self, kl_coef, gamma, lam, clip_range, clip_range_value, value_coef, entropy_coef,
+                       ppo_epochs, num_minibatches, target_kl, rollouts, logit_chunk_tokens) -> None:
         if rollouts not in ("sample", "from_data"):
             raise UserError(f"unknown rollouts '{rollouts}': use sample or from_data")
         for name, value in (("kl_coef", kl_coef), ("value_coef", value_coef), ("entropy_coef", entropy_coef)):
@@ -245,14 +235,14 @@ class PPO(LoRAMethod):
         with self.reference():
             ref_hidden = self.policy_hidden(batch)
         experience.scores["ref_logp"] = scatter_to_rows(self.token_stats(ref_hidden[mask], None, batch).logp, mask)
-        if self.full_kl is not None:
+        if self.kl.compares_logits:
             experience.scores["ref_hidden"] = ref_hidden
 
     def compute_advantages(self, batch: Experience) -> None:
         scores = batch.scores
         mask = batch.rollout.response_mask.float() * batch.valid.to(self.device)[:, None].float()
         log_ratio = (scores["old_logp"] - scores["ref_logp"]) * mask
-        kl_penalty = self.kl_coef * log_ratio if self.kl_loss_term is None else torch.zeros_like(log_ratio)
+        kl_penalty = self.kl_coef * log_ratio if self.kl.in_reward else torch.zeros_like(log_ratio)
         values = batch.rewards.values.to(self.device)
         token_rewards = ppo_math.per_token_rewards(torch.where(batch.valid.to(self.device), values, 0.0),
                                                    kl_penalty, mask)
@@ -265,8 +255,8 @@ class PPO(LoRAMethod):
         seq_kl = log_ratio.sum(-1)
         valid = batch.valid.to(self.device)
         self._advantage_metrics = {
-            "kl/seq": float(seq_kl[valid].mean()) if valid.any() else float("nan"),
-            "kl/token": float(ppo_math.masked_token_mean(log_ratio, mask)),
+            "kl/sampled_log_ratio": float(seq_kl[valid].mean()) if valid.any() else float("nan"),
+            "kl/sampled_log_ratio_token": float(ppo_math.masked_token_mean(log_ratio, mask)),
             "explained_variance": float(ppo_math.explained_variance(scores["old_values"], returns, mask)),
             "value/mean": float(ppo_math.masked_token_mean(scores["old_values"], mask)),
             "returns/mean": float(ppo_math.masked_token_mean(returns, mask)),
@@ -295,8 +285,8 @@ class PPO(LoRAMethod):
         mask = rmask & chunk.valid.to(self.device)[:, None]
         with self.loss_pass():
             hidden = self.policy_hidden(batch)
-        ref_hidden = scores["ref_hidden"][rmask] if "ref_hidden" in scores else None
-        stats = self.token_stats(hidden[rmask], ref_hidden, batch, self.full_kl, entropy=True)
+        ref_hidden = scores["ref_hidden"][rmask] if self.kl.compares_logits else None
+        stats = self.token_stats(hidden[rmask], ref_hidden, batch, self.kl.full_kl, entropy=True)
         logp, entropy = scatter_to_rows(stats.logp, rmask), scatter_to_rows(stats.entropy, rmask)
         values = self.value_head(hidden.detach() if self.value_detach_trunk else hidden)
         pg_loss, clipfrac = ppo_math.clipped_policy_loss(logp, scores["old_logp"], chunk.advantages, mask,
@@ -308,11 +298,11 @@ class PPO(LoRAMethod):
         metrics = {"loss/policy": pg_loss.detach(), "loss/value": value_loss.detach(), "clipfrac": clipfrac,
                    "value/clipfrac": value_clipfrac, "entropy": mean_entropy.detach(),
                    "kl/approx": ppo_math.approx_kl_k3(logp.detach(), scores["old_logp"], mask)}
-        if self.kl_loss_term is not None:
-            full_kl = scatter_to_rows(stats.kl, rmask) if stats.kl is not None else None
-            kl_term = ppo_math.masked_token_mean(self.kl_loss_term(logp, scores["ref_logp"], full_kl), mask)
-            loss = loss + self.kl_coef * kl_term
-            metrics["loss/kl"] = kl_term.detach()
+        if not self.kl.in_reward:  # a loss term
+            kl_tokens = self.kl.token_loss(stats.logp, scores["ref_logp"][rmask], stats.kl)
+            kl_loss = ppo_math.masked_token_mean(scatter_to_rows(kl_tokens, rmask), mask)
+            loss = loss + self.kl_coef * kl_loss
+            metrics["loss/kl"] = kl_loss.detach()
         return loss, metrics
 
     @torch.no_grad()

@@ -218,7 +218,7 @@ class WeightedSum(RewardFunction):
 
 
 class FieldReward(RewardFunction):
-    """The reward stored in a field of each data row (precomputed rewards, seed 003's data).
+    """The reward stored in a field of each data row (precomputed rewards).
 
     Args:
         field: The data row's field holding a number.

@@ -1,5 +1,5 @@
-"""SARMFeaturePPO: PPO on a LoRA policy rewarded by a sparse-autoencoder reward model (SARM), with its
-features controlled inside the loop (seeds 001 and 004).
+"""SARMFeaturePPO: PPO on a LoRA policy rewarded by a sparse-autoencoder reward model (SARM, arXiv
+2508.08746), with its features controlled inside the loop.
 
 This is :class:`modules.ppo.PPO` with a SARM reward (:class:`modules.sarm.reward.SARMReward`):
 
@@ -13,11 +13,11 @@ latents. The per-sample latents travel to callbacks (``callbacks.feature_logging
 (``reward_state``), so a resumed run continues it exactly. A judge can be added to the reward with
 :class:`modules.rewards.WeightedSum` (SARM + judge by configured weights).
 
-Where this departs from the seeds:
+Design choices:
 
 1. One GPU, one model: the policy is a LoRA adapter on a frozen base (optionally 4-bit), its value
    head shares the policy's trunk, and the reference is the adapter switched off (PPO's
-   departures 1-4); the seed ran a separate reference and value model over 4 GPUs.
+   departures 1-4): no separate reference or value model.
 2. The feature penalty reads the *uncontrolled* latents, so clamping a latent inside the RM never
    hides it from the penalty; the KL term is per sample by default and the discriminator scores a
    batch before it trains on it (see :mod:`modules.sarm.reward`).
@@ -40,8 +40,8 @@ class SARMFeaturePPO(PPO):
     """
 
     arm_names = ("adapter off", "adapter on")
-    curve_metrics = ("reward/mean", "reward/sarm", "reward/feature_penalty", "reward/kl_penalty", "kl/token",
-                     "response/length", "explained_variance", "sarm/kl_estimate")
+    curve_metrics = ("reward/mean", "reward/sarm", "reward/feature_penalty", "reward/kl_penalty",
+                     "kl/sampled_log_ratio_token", "response/length", "explained_variance", "sarm/kl_estimate")
 
     def __init__(self, reward: RewardFunction | None = None, **ppo_options) -> None:
         if reward is None:

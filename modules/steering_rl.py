@@ -8,22 +8,24 @@ judge (``loglik`` or ``contrast`` reward), turn rewards into advantages, and min
 
 where ``p_ref`` is the same model with the steering switched off (no second copy of the model).
 
-Where this departs from seed 000:
+Design choices:
 
-1. The judge scores the *policy's* response teacher-forced; the seed's code scored tokens the
-   judge sampled itself, which does not measure the policy's response.
-2. A ``contrast`` reward (persona minus counter-persona log-likelihood) exists beside the seed's
-   ``loglik``, and is the embedded default's reward: with a small judge ``loglik`` rewards fluency.
-3. The KL term defaults to the exact KL over the vocabulary at every response position
-   (differentiable, chunked); the sampled log-ratio is offered only in forms whose gradient is
-   right (``k3`` as a loss, or folded into the reward). Both the KL and the log-prob are summed
-   over response tokens and averaged over samples (a sequence-level KL).
+1. The judge scores the *policy's* response, teacher-forced: the reward measures the reply the
+   policy wrote.
+2. Two rewards: ``loglik`` (a persona's log-likelihood of the reply) and ``contrast`` (persona minus
+   counter-persona log-likelihood), the embedded default's: with a small judge ``loglik`` rewards
+   fluency.
+3. The KL term (``kl_estimator``, :mod:`modules.rl.kl`) defaults to the exact KL over the
+   vocabulary at every response position (differentiable, chunked); the sampled log-ratio is
+   offered only in forms whose gradient is right (``k3`` as a loss, or folded into the reward).
+   Both the KL and the log-prob are summed over response tokens and averaged over samples (a
+   sequence-level KL).
 4. Log-probs in the loss use the sampling temperature, so they are those of the sampling policy.
-5. ``v`` and ``alpha`` are fp32 master copies (the seed kept them in bf16); the frozen model stays
-   in bf16 on GPU and ``alpha * v`` is cast to its dtype when added.
+5. ``v`` and ``alpha`` are fp32 master copies; the frozen model stays in bf16 on GPU and
+   ``alpha * v`` is cast to its dtype when added.
 6. ``v`` starts at zero (so the first rollouts are the base model's) unless ``init_std > 0``.
-7. Samples whose judge call failed are masked out of the update and counted (``judge/failed``);
-   the seed's fallback returned a reward of 0.
+7. Samples whose judge call failed are masked out of the update and counted (``judge/failed``),
+   never given a reward of 0.
 8. Rewards are z-scored over the whole rollout batch (all micro-batches, all ranks), not per
    micro-batch, and the loss is the mean over every valid sample of the batch.
 9. Held-out reports also score replies with an evaluation judge the training never saw
@@ -32,10 +34,10 @@ Where this departs from seed 000:
 10. The training judge reads two wordings of each stance by default (``judge_persona`` and
     ``counter_persona`` are lists; the reward is the mean of the pairs' contrasts): on the embedded
     default a vector trained on one wording moved the evaluation judge by +0.025 ± 0.010, one
-    trained on two by +0.044 ± 0.009 (64 held-out prompts, same comparison; README).
-11. ``v`` (and ``alpha``) can start from a saved vector file (``init_from``, e.g. a CAA vector from
-    ``python cli.py caa``); ``using_vector`` makes the policy any other vector for a while (the arms
-    of ``python cli.py evaluate``).
+    trained on two by +0.044 ± 0.009 (64 held-out prompts, same comparison; docs/evaluation.md).
+11. ``v`` (and ``alpha``) can start from a saved vector file (``init_from``, e.g. a contrastive
+    activation addition vector, CAA arXiv 2312.06681, from ``python cli.py caa``); ``using_vector``
+    makes the policy any other vector for a while (the arms of ``python cli.py evaluate``).
 """
 
 from __future__ import annotations
@@ -57,18 +59,10 @@ from modules.models.steering_io import read_steering_vector, save_steering_vecto
 from modules.models.steering import HookPoint, SteerPositions, Steering, SteeringVector
 from modules.on_policy import Experience, OnPolicyModule, PromptBatch
 from modules.rl.advantages import advantage_fn, masked_mean
-from modules.rl.kl import KLEstimator, exact_kl, k3_kl, sampled_log_ratio
-from modules.rl.losses import reinforce_loss, scatter_to_rows
+from modules.rl.kl import KLEstimator, kl_term, sampled_log_ratio
+from modules.rl.losses import per_sequence_sum, reinforce_loss, scatter_to_rows
 from modules.rollout import Rollout, response_hidden_states, rollout
 from modules.sharding import whole
-
-
-KL_PENALTIES = {
-    # per-token KL term of the loss, from (logp, ref_logp, full-vocabulary KL)
-    "exact": lambda logp, ref_logp, full_kl: full_kl,
-    "k3": lambda logp, ref_logp, full_kl: k3_kl(logp, ref_logp),
-    "reward": None,
-}
 
 
 class SteeringVectorRL(OnPolicyModule):
@@ -142,8 +136,7 @@ class SteeringVectorRL(OnPolicyModule):
     ) -> None:
         super().__init__(**loop_options)
         self.save_hyperparameters(ignore=["judge", "eval_judge"])
-        if kl_estimator not in KL_PENALTIES:
-            raise UserError(f"unknown kl_estimator '{kl_estimator}': use exact, k3 or reward")
+        self.kl = kl_term(kl_estimator)
         if kl_coef < 0:
             raise UserError(f"kl_coef must be >= 0, got {kl_coef} (a negative weight trains toward a larger KL)")
         if logit_chunk_tokens < 1:
@@ -162,14 +155,11 @@ class SteeringVectorRL(OnPolicyModule):
         self.steering = Steering(self.policy, self.steering_vector, hook_layer, hook_point, steer_positions, steer_last_k)
         self.reward = PersonaReward(judge, reward_mode, judge_persona, counter_persona, reward_length_normalize)
         self.reward.attach(self.policy, self.tokenizer, self.interventions_off)
-        self.judge = self.reward.judge
         self.eval_reward = evaluation_reward(self.reward, eval_judge, eval_persona, eval_counter_persona,
                                              reward_length_normalize)
         self.eval_reward.attach(self.policy, self.tokenizer, self.interventions_off)
         self.advantages = advantage_fn(use_reward_normalization)
-        self.kl_estimator, self.kl_coef, self.logit_chunk_tokens = kl_estimator, kl_coef, logit_chunk_tokens
-        self.kl_penalty = KL_PENALTIES[kl_estimator]  # None: the log-ratio is folded into the reward
-        self.full_kl = exact_kl if kl_estimator == "exact" else None
+        self.kl_coef, self.logit_chunk_tokens = kl_coef, logit_chunk_tokens
         self.share_lower_layers = share_lower_layers
 
     def load_policy(self, model: str, dtype: str):
@@ -227,8 +217,8 @@ class SteeringVectorRL(OnPolicyModule):
                        self.sampling, seed, self.steering.prompt_length(prompts.input_ids.shape[1]))
 
     def score(self, experience: Experience) -> None:
-        """Reference hidden states (exact KL) or log-probs (k3), and the log-ratio the ``reward``
-        estimator folds into the reward."""
+        """Reference log-probs; the reference's hidden states when the KL term compares logits
+        (``exact``); the sampled log-ratio per reply when the KL is in the reward (``reward``)."""
         batch = experience.rollout
         share = self.share_lower_layers and self.steering.layer > 0  # nothing below layer 0 to skip
         record = recording_layer_input(self.policy, self.steering.layer) if share else nullcontext([])
@@ -240,15 +230,15 @@ class SteeringVectorRL(OnPolicyModule):
         mask = batch.response_mask.bool()
         ref = self.token_stats(ref_hidden[mask], None, batch)
         experience.scores["ref_logp"] = scatter_to_rows(ref.logp, mask)
-        if self.full_kl is not None:
+        if self.kl.compares_logits:
             experience.scores["ref_hidden"] = ref_hidden
-        if self.kl_penalty is None:
+        if self.kl.in_reward:
             logp = self.token_stats(self.policy_hidden(batch, layer_input)[mask], None, batch).logp
             experience.scores["log_ratio"] = per_sequence_sum(sampled_log_ratio(logp, ref.logp), mask)
 
     def compute_advantages(self, batch: Experience) -> None:
         values, valid = batch.rewards.values.to(self.device), batch.valid.to(self.device)
-        if self.kl_penalty is None:  # kl_estimator == "reward"
+        if self.kl.in_reward:
             values = values - self.kl_coef * batch.scores["log_ratio"]
         batch.advantages = self.advantages(values, valid, self.reduce_sum)
 
@@ -260,27 +250,24 @@ class SteeringVectorRL(OnPolicyModule):
     def micro_batch_loss(self, experience: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch, valid = experience.rollout, experience.valid.to(self.device)
         mask = batch.response_mask.bool()
-        ref_hidden = experience.scores.get("ref_hidden")
         with self.loss_pass():
             hidden = self.policy_hidden(batch, experience.scores.get("layer_input"))[mask]
-        stats = self.token_stats(hidden, None if ref_hidden is None else ref_hidden[mask], batch, self.full_kl)
+        ref_hidden = experience.scores["ref_hidden"][mask] if self.kl.compares_logits else None
+        stats = self.token_stats(hidden, ref_hidden, batch, self.kl.full_kl)
         logp, ref_logp = stats.logp, experience.scores["ref_logp"][mask]
-        log_ratio = per_sequence_sum(sampled_log_ratio(logp.detach(), ref_logp), mask)
-        if self.kl_penalty is None:  # folded into the reward before the advantages
-            kl_term = torch.zeros((), device=self.device)
-        else:
-            kl_term = masked_mean(per_sequence_sum(self.kl_penalty(logp, ref_logp, stats.kl), mask), valid)
+        log_ratio = masked_mean(per_sequence_sum(sampled_log_ratio(logp.detach(), ref_logp), mask), valid)
+        kl_loss = masked_mean(per_sequence_sum(self.kl.token_loss(logp, ref_logp, stats.kl), mask), valid)
         pg_loss = reinforce_loss(per_sequence_sum(logp, mask), experience.advantages, valid)
-        loss = pg_loss + self.kl_coef * kl_term
+        loss = pg_loss + self.kl_coef * kl_loss
         # the exact KL when the logits were compared, else the sampled log-ratio's estimate of it
-        seq_kl = kl_term.detach() if stats.kl is not None else masked_mean(log_ratio, valid)
+        seq_kl = kl_loss.detach() if self.kl.compares_logits else log_ratio
         tokens_per_seq = mask.sum(-1).float().mean().clamp(min=1)
         metrics = {
             "loss/policy": pg_loss.detach(),
-            "loss/kl": kl_term.detach(),
+            "loss/kl": kl_loss.detach(),
             "kl/seq": seq_kl,
             "kl/token": seq_kl / tokens_per_seq,
-            "kl/sampled_log_ratio": masked_mean(log_ratio, valid),
+            "kl/sampled_log_ratio": log_ratio,
         }
         return loss, metrics
 
@@ -309,7 +296,7 @@ class SteeringVectorRL(OnPolicyModule):
         return metrics
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Adam's moments of a 0-d alpha (checkpoints from before alpha became 1-D): no other parameter is 0-d
+        # a checkpoint whose alpha is 0-d: its Adam moments take alpha's (1,) shape (no other parameter is 0-d)
         for group in checkpoint.get("optimizer_states", []):
             for state in group.get("state", {}).values():
                 for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
@@ -331,9 +318,3 @@ class SteeringVectorRL(OnPolicyModule):
         if final:
             self.export_portable(run_dir / "steering_vector.pt")
 
-
-def per_sequence_sum(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scatter [N] per-token values (row-major over ``mask``) back to rows and sum: [B]."""
-    out = torch.zeros(mask.shape, dtype=token_values.dtype, device=token_values.device)
-    out = out.masked_scatter(mask.bool(), token_values)
-    return out.sum(-1)

@@ -124,7 +124,7 @@ class UpdateLog:
             group = {k: v for k, v in metrics.items() if reduction_over_ranks(k) == reduction}
             module.log_dict(group, on_step=True, on_epoch=False, batch_size=1, sync_dist=True, reduce_fx=reduction)
         module.log_dict(
-            {"reward": metrics["reward/mean"], "kl": metrics.get("kl/token", float("nan")),
+            {"reward": metrics["reward/mean"], "kl": metrics.get(module.progress_bar_kl, float("nan")),
              "len": metrics["response/length"]},
             on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=1,
         )

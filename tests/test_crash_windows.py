@@ -158,10 +158,10 @@ def steering_straight(tiny_llama_dir, tmp_path_factory):
 STEERING_WINDOWS = [  # (update whose writes are counted, destination, during or after the write)
     (3, "metrics.csv", "during"),                  # an update between checkpoints
     (4, "metrics.csv", "during"),                  # the row written ahead of its checkpoint
-    (4, "vectors/update000004.pt", "during"),      # issue 16: the row before was lost, .partial left
+    (4, "vectors/update000004.pt", "during"),      # the row before must survive, no .partial left
     (4, "steering_vector.pt", "during"),
     (4, "checkpoints/update000004.ckpt", "during"),
-    (4, "checkpoints/last.ckpt", "during"),        # issue 16: after update*.ckpt, while last.ckpt is written
+    (4, "checkpoints/last.ckpt", "during"),        # after update*.ckpt, while last.ckpt is written
     (4, "checkpoints/last.ckpt", "after"),         # before Lightning logs the update's row
     (4, "heldout_update000004.json", "during"),    # the end-of-training report
 ]

@@ -64,7 +64,7 @@ def chunk_loss(model: nn.Module, chunk: dict[str, torch.Tensor], aggregate, tota
 def step_gradients(model: nn.Module, steps: list[list[dict[str, torch.Tensor]]], whole: dict[str, torch.Tensor],
                    loss_type: str, reduce, per_step_dapo: bool = False) -> list[torch.Tensor]:
     """The gradient of each optimizer step (no parameter update between them), as ``OracleGRPO.update``
-    computes it; ``per_step_dapo`` uses the normaliser before issue 31 (this rank's step tokens)."""
+    computes it; ``per_step_dapo`` uses a per-step normaliser (this rank's step tokens)."""
     aggregate = grpo.loss_aggregation(loss_type)
     generation = grpo.update_totals([whole["mask"]], [whole["valid"]], WIDTH, reduce)
     out = []
@@ -143,7 +143,7 @@ def test_two_ranks_give_the_gradient_of_one_process_on_the_whole_batch(two_ranks
 
 
 def test_the_per_rank_per_step_dapo_normaliser_is_not_that_gradient(two_ranks):
-    """The normaliser before issue 31 (this rank's valid tokens of this step) weighs rank 1's short
+    """A per-rank, per-step normaliser (this rank's valid tokens of this step) weighs rank 1's short
     replies more than rank 0's long ones and each step as a whole batch."""
     single = one_process("dapo")
     differences = [relative(old, new) for old, new in zip(two_ranks["dapo_per_step"], single)]

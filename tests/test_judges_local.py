@@ -109,7 +109,7 @@ def test_several_persona_wordings_average_their_pairs():
 
 
 def test_baseline_reply_is_scored_and_subtracted():
-    """Seed 003's reward: the policy reply's score minus the data row's baseline reply's score."""
+    """The judged-baseline reward: the policy reply's score minus the data row's baseline reply's score."""
     table = {("H", "mine"): Judgement(-2.0, 2), ("S", "mine"): Judgement(-4.0, 2),
              ("H", "theirs"): Judgement(-3.0, 1), ("S", "theirs"): Judgement(-1.0, 1),
              ("H", "bad"): Judgement(-1.0, 1), ("S", "bad"): None}

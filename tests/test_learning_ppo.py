@@ -1,4 +1,4 @@
-"""PPO on a fresh LoRA adapter makes SmolLM2 less sycophantic on held-out prompts (seed 003's
+"""PPO on a fresh LoRA adapter makes SmolLM2 less sycophantic on held-out prompts (the
 "we see the model changed", measured).
 
 SmolLM2-135M-Instruct is policy and local judge (adapter off); the reward is the judge's

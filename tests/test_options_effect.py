@@ -1,4 +1,4 @@
-"""Every option proves it does something (issue 33).
+"""Every option proves it does something.
 
 One test per option: the option on and off (or two values) on the SAME inputs, seeds and starting
 weights, and an assertion on a difference that only that option explains (a loss, a gradient, an

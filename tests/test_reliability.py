@@ -1,4 +1,4 @@
-"""Issue 16: bad input gets one line and leaves no file; reports never claim more than was measured.
+"""Bad input gets one line and leaves no file; reports never claim more than was measured.
 
 The bad-input table runs ``cli.py fit`` in forked children (tests/forked_cli.py) on tiny models:
 each case must exit with status 2, print exactly one ``error:`` line naming the field, no

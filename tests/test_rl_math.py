@@ -8,10 +8,10 @@ import torch
 from callbacks.checkpoints import evenly_spaced_steps
 from modules.on_policy import PromptBatch
 from modules.rl.advantages import ema_update, masked_mean, masked_std, raw_advantages, zscore_advantages
-from modules.rl.kl import exact_kl, k3_kl, sampled_log_ratio
-from modules.rl.losses import reinforce_loss, response_token_stats
+from modules.errors import UserError
+from modules.rl.kl import exact_kl, k3_kl, kl_term, sampled_log_ratio
+from modules.rl.losses import per_sequence_sum, reinforce_loss, response_token_stats
 from modules.rollout import response_mask_from_ids
-from modules.steering_rl import per_sequence_sum
 
 
 def test_exact_kl_hand_value():
@@ -27,6 +27,18 @@ def test_k3_and_log_ratio_hand_values():
     logp, ref = torch.tensor([math.log(0.25)]), torch.tensor([math.log(0.5)])
     assert k3_kl(logp, ref).item() == pytest.approx(2.0 - 1.0 - math.log(2.0), abs=1e-6)  # r = 2
     assert sampled_log_ratio(logp, ref).item() == pytest.approx(math.log(0.5), abs=1e-6)
+
+
+def test_kl_terms_by_hand():
+    logp, ref, full = torch.tensor([math.log(0.25)]), torch.tensor([math.log(0.5)]), torch.tensor([0.7])
+    exact, k3, reward = kl_term("exact"), kl_term("k3"), kl_term("reward")
+    assert exact.token_loss(logp, ref, full).item() == pytest.approx(0.7)  # the full-vocabulary KL as given
+    assert exact.full_kl is exact_kl and exact.compares_logits and not exact.in_reward
+    assert k3.token_loss(logp, ref, None).item() == pytest.approx(2.0 - 1.0 - math.log(2.0), abs=1e-6)
+    assert not k3.compares_logits and not k3.in_reward
+    assert reward.token_loss(logp, ref, None).tolist() == [0.0] and reward.in_reward and not reward.compares_logits
+    with pytest.raises(UserError, match="unknown kl_estimator 'k2'"):
+        kl_term("k2")
 
 
 def test_reinforce_loss_hand_value_and_mask():

@@ -1,6 +1,6 @@
 """Rewards from a judge's view of the policy's response: ``loglik`` and ``contrast``.
 
-- ``loglik`` (seed 000): the judge's log-likelihood of the response given the user's prompt and a
+- ``loglik``: the judge's log-likelihood of the response given the user's prompt and a
   persona system prompt (default: a sycophantic assistant).
 - ``contrast``: that log-likelihood minus the same under a counter-persona (default: an honest
   assistant who corrects the user). Fluency, which ``loglik`` mostly measures with a small judge,
@@ -129,7 +129,7 @@ class PersonaReward(RewardFunction):
         length_normalize: Per-token mean instead of the sum over response tokens.
         baseline_field: A field of the data rows holding a baseline reply (e.g. the top human
             reply); when set, the reward is the score of the policy's reply minus the score of
-            that reply under the same judge and personas (seed 003's reward).
+            that reply under the same judge and personas (a judged-baseline reward).
     """
 
     def __init__(self, judge: Judge | None = None, mode: RewardMode = "contrast",

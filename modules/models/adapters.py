@@ -14,7 +14,7 @@ The reference is never a second copy of the base model:
 
 - a fresh adapter starts as the identity (LoRA's B matrix is zero), so the reference is the base
   model: every adapter off;
-- an adapter loaded from a path (e.g. seed 003's SFT adapter) is loaded a second time as a frozen
+- an adapter loaded from a path (e.g. an SFT adapter) is loaded a second time as a frozen
   adapter named ``reference`` on the same base, and the reference switch makes it the active one.
 
 The switches set the layers' active adapter directly; peft's own ``set_adapter`` and

@@ -10,7 +10,7 @@
 Hook points (module names as in Llama, Mistral and Qwen decoder layers):
 
 - ``post_attn_norm``: add ``alpha * v`` to the output of the layer's post-attention RMSNorm
-  (the input of the MLP), as in seed 000;
+  (the input of the MLP);
 - ``pre_attn_norm``: add it to the output of the layer's input RMSNorm (the input of attention).
 
 Positions: ``all`` steers every token; ``response`` steers the positions that predict response

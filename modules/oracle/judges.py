@@ -19,7 +19,7 @@ the returned callable waits, so remote judges run while the next micro-batch is 
   digits is scored as the judge's reply to the rating request, and the rating is the expectation
   under the softmax of those ten log-likelihoods. Informativeness = rating / 9.
 
-Where we depart from seed 002: 1. a deterministic judge is the default (CPU, no key); 2. the LLM
+Where we depart from the Activation Oracles recipe (arXiv 2512.15674): 1. a deterministic judge is the default (CPU, no key); 2. the LLM
 judge's prompt and its 0-9 scale are ours (the seed's judge prompt is not reused) and go through the
 project's judge backends, so a local model can be the judge by log-likelihood of the digits.
 """

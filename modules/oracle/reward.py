@@ -5,7 +5,7 @@ from an :class:`~modules.oracle.judges.InformativenessJudge`::
 
     reward = i - lambda * (X / 10 - i) ** 2
 
-(seed 002's reward; ``lambda`` is ``calibration_weight``). The squared term is the sample's Brier
+(the calibrated-confidence reward; ``lambda`` is ``calibration_weight``). The squared term is the sample's Brier
 error; for a given answer the reward is highest when X/10 equals the informativeness the judge
 gives, so the oracle gains by stating the confidence it can back.
 
@@ -27,7 +27,7 @@ and ``calibration_error`` ((X/10 - i)^2) hold 0 where the reply did not parse, a
 :meth:`OracleReward.metrics`, once per update. ``features`` carry per-sample ``parsed``,
 ``confidence`` and ``informativeness`` for callbacks (the reliability diagram at checkpoints).
 
-Where we depart from seed 002 (its reward formula is kept as is):
+Where we depart from the reward as specified (the formula itself is kept):
 
 1. The default judge is deterministic (token F1 against the reference answers, see
    :mod:`modules.oracle.judges`), so the CPU default needs no API; the seed's LLM judge

@@ -20,7 +20,7 @@ training file's bytes, the base model's identity and the library versions, and w
 :func:`resolve_oracle_adapter` maps ``embedded:oracle-smollm2`` to it (SmolLM2-135M-Instruct + the
 shipped training set; about a minute on 2 CPU cores the first time).
 
-Departures from seed 002's ``sft_format.py`` (from its description; its code is not reused):
+Departures from the Activation Oracles format-SFT recipe (arXiv 2512.15674):
 
 1. Activations are extracted once per row and reused every epoch instead of re-extracted per
    step: the subject (adapter off) is frozen, so the values are the same.

@@ -96,3 +96,8 @@ def scatter_to_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[N] per-token values (row-major over ``mask``) back to a zero-padded [B, R] tensor."""
     out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
     return out.masked_scatter(mask.bool(), values)
+
+
+def per_sequence_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N] per-token values (row-major over ``mask``) summed per row: [B]."""
+    return scatter_to_rows(values, mask).sum(-1)

@@ -1,4 +1,4 @@
-"""SARM: a sparse-autoencoder reward model, its latents, and control of them in RL (issue 17).
+"""SARM: a sparse-autoencoder reward model, its latents, and control of them in RL (arXiv 2508.08746).
 
 - :mod:`~modules.sarm.checkpoint` — the released checkpoint layout: read, check, write.
 - :mod:`~modules.sarm.sae` — the TopK SAE and its input standardisation (and a small trainer).
