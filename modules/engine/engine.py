@@ -46,7 +46,6 @@ from modules.engine.kernels import EAGER_OPS, Ops, attention_scores, fused_ops, 
 from modules.engine.support import (DecoderParts, Interventions, Unsupported, adapter_state, any_dropout_active,
                                     decoder_parts, find_interventions, sampling_conflicts,
                                     storage_fingerprint)
-from modules.oracle.injection import norm_matched_delta
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +113,8 @@ class LayerProjections(NamedTuple):
 class _Plan:
     """The interventions that act in this call."""
 
-    steering: list  # enabled Steering objects
-    injection: list  # ActivationInjection objects holding vectors
+    steering: list  # enabled SteeringIntervention objects (Steering)
+    injection: list  # pending InjectionIntervention objects (ActivationInjection)
     greedy: bool
     use_top_p: bool
     projections: list[LayerProjections] = field(default_factory=list)
@@ -189,7 +188,7 @@ class RolloutEngine:
         graphs = self.use_graphs and device.type == "cuda"
         ops = self._ops() if graphs else EAGER_OPS
         state = self._state(parts, batch, prompt_len + max_new_tokens, max_new_tokens, device, dtype, keep_logits)
-        extra = [t for s in plan.steering for t in (s.vector.v, s.vector.alpha)]
+        extra = [t for s in plan.steering for t in s.steering_tensors()]
         key = (plan.greedy, plan.use_top_p, tuple((id(s), s.layer, s.hook_point) for s in plan.steering),
                adapter_state(self.model), storage_fingerprint(self.model, extra), tuple(stop_ids), int(pad_id),
                keep_logits, ops.compiled)
@@ -205,7 +204,7 @@ class RolloutEngine:
         state.temperature.fill_(float(temperature))
         state.top_p.fill_(float(top_p))
         for first, steering in zip(state.steer_first, plan.steering):
-            first.fill_(self._first_steered(steering))
+            first.fill_(steering.first_steered_column())
         needed = sorted({_bucket(prompt_len + j) for j in range(1, max_new_tokens)})
         if graphs:
             ops = self._capture(parts, state, plan, needed, ops)
@@ -245,15 +244,6 @@ class RolloutEngine:
             self._fused = fused_ops()
         return self._fused
 
-    @staticmethod
-    def _first_steered(steering) -> int:
-        """First steered column: the position rule of :class:`Steering` (``-1`` = every column)."""
-        if steering.prompt_offset is None:
-            return -1
-        if steering._prompt_len is None:
-            raise RuntimeError("steering positions other than 'all' need Steering.prompt_length(P) around the call")
-        return int(steering._prompt_len) - int(steering.prompt_offset)
-
     def _fused_projections(self, parts: DecoderParts) -> list[LayerProjections]:
         """Each layer's fused groups, fused now where they were not or no longer are, their adapters'
         current values copied in (:meth:`FusedLinear.refresh`)."""
@@ -280,9 +270,9 @@ class RolloutEngine:
     def _plan(self, found: Interventions, batch: int, prompt_len: int, device, greedy: bool, top_p: float) -> _Plan:
         steering = [s for s in found.steering if s.enabled]
         for s in steering:
-            if s.vector.v.device != device:
+            if any(t.device != device for t in s.steering_tensors()):
                 raise Unsupported("the steering vector lives on another device than the prompts")
-        injection = [i for i in found.injection if i.enabled and i.vectors is not None]
+        injection = [i for i in found.injection if i.pending]
         for inj in injection:
             if inj.vectors.shape[0] != batch:
                 raise RuntimeError(f"the injection holds {inj.vectors.shape[0]} rows but the forward has {batch}")
@@ -375,7 +365,7 @@ class RolloutEngine:
         layers = parts.layers
         sites: dict[tuple, list] = {}
         for s, gate in zip(plan.steering, gates):  # delta() read in place: a captured step sees updates
-            sites.setdefault((s.layer, s.hook_point), []).append((gate, s.vector.delta()))
+            sites.setdefault((s.layer, s.hook_point), []).append((gate, s.steering_delta()))
         residual = hidden
         first_norm = layers[0].input_layernorm
         normed = ops.rms_norm(hidden, first_norm.weight, first_norm.variance_epsilon)
@@ -488,11 +478,10 @@ class RolloutEngine:
 
         def inject(i, h):
             for inj in plan.injection:
-                if inj.layer == i:
-                    h = _inject(inj, h)
+                h = inj.apply_to_prompt_pass(h, i)
             return h
 
-        gates = [(cols >= self._first_steered(s)).to(hidden.dtype)[None, :, None] for s in plan.steering]
+        gates = [(cols >= s.first_steered_column()).to(hidden.dtype)[None, :, None] for s in plan.steering]
         normed = self._layers(parts, EAGER_OPS, hidden, attention, gates, plan, inject)
         state.cache_pos.fill_(0)
         state.step.fill_(0)
@@ -501,18 +490,3 @@ class RolloutEngine:
         state.pos_ids.copy_(mask.sum(-1))
         state.cache_pos.fill_(length)
 
-
-def _inject(injection, h: torch.Tensor) -> torch.Tensor:
-    """:class:`ActivationInjection`'s add over a whole prompt pass (chunk start 0), as its hook does it."""
-    batch, length, _ = h.shape
-    positions = injection.positions.to(h.device)
-    live = (positions >= 0) & (positions < length)
-    if not bool(live.any()):
-        return h
-    index = positions.clamp(0, length - 1)[..., None].expand(-1, -1, h.shape[-1])
-    original = h.gather(1, index)
-    delta = norm_matched_delta(original, injection.vectors.to(h.device), injection.coefficient)
-    delta = (delta * live[..., None]).detach()
-    added = torch.zeros(h.shape, dtype=torch.float32, device=h.device).scatter_add(1, index, delta)
-    injection.calls += 1
-    return (h.float() + added).to(h.dtype) if h.dtype != torch.float32 else h + added

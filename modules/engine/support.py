@@ -5,9 +5,11 @@ it must know everything that can change a forward pass:
 
 - the architecture: Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3) with plain or LoRA
   (peft, unmerged or merged) linear layers, rotary embeddings of a static kind, no sliding window;
-- every forward hook on the model: the project's interventions (:class:`Steering`,
-  :class:`ActivationInjection`) are translated into the engine's step; any other hook means the
-  engine cannot promise the same logits, so the rollout falls back to HF ``generate``.
+- every forward hook on the model: the project's interventions (the protocol of
+  :mod:`modules.models.interventions`: a :class:`SteeringIntervention` such as ``Steering``, an
+  :class:`InjectionIntervention` such as ``ActivationInjection``) are run by the engine's step through
+  their own methods; any other hook means the engine cannot promise the same logits, so the rollout
+  falls back to HF ``generate``.
 
 Anything else raises :class:`Unsupported` with one line that says why.
 """
@@ -19,8 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from modules.models.steering import Steering
-from modules.oracle.injection import ActivationInjection
+from modules.models.interventions import InjectionIntervention, SteeringIntervention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 STATIC_ROPE_TYPES = ("default", "llama3", "linear")
@@ -55,8 +56,8 @@ class DecoderParts:
 class Interventions:
     """The project's interventions found on a model (see :func:`find_interventions`)."""
 
-    steering: list[Steering] = field(default_factory=list)
-    injection: list[ActivationInjection] = field(default_factory=list)
+    steering: list[SteeringIntervention] = field(default_factory=list)
+    injection: list[InjectionIntervention] = field(default_factory=list)
 
 
 def _linear_ok(module: nn.Module) -> bool:
@@ -128,16 +129,16 @@ def find_interventions(model: nn.Module) -> Interventions:
             raise Unsupported(f"an accelerate hook on '{name}' (device_map offloading)")
         for hook in _hooks(module):
             owner = getattr(hook, "__self__", None)
-            if isinstance(owner, Steering):
+            if isinstance(owner, SteeringIntervention):
                 if owner not in found.steering:
                     found.steering.append(owner)
-            elif isinstance(owner, ActivationInjection):
+            elif isinstance(owner, InjectionIntervention):
                 if owner not in found.injection:
                     found.injection.append(owner)
             elif getattr(hook, "__name__", "") not in HARMLESS_HOOKS:
                 raise Unsupported(f"an unknown forward hook {getattr(hook, '__qualname__', hook)!r} on '{name or 'model'}'")
     for steering in found.steering:
-        if steering.record_site_norm:
+        if getattr(steering, "record_site_norm", False):
             raise Unsupported("the steering hook is recording the site norm")
     return found
 

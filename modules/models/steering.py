@@ -30,11 +30,12 @@ from typing import Iterator, Literal
 import torch
 
 from modules.errors import UserError
+from modules.models.interventions import HookPoint, SteeringIntervention, decoder_layers, steering_site
 from torch import nn
 
-HookPoint = Literal["post_attn_norm", "pre_attn_norm"]
+__all__ = ["HookPoint", "SteerPositions", "SteeringVector", "Steering", "decoder_layers", "steering_site"]
+
 SteerPositions = Literal["all", "response", "last_k"]
-_SITE_NAMES = {"post_attn_norm": "post_attention_layernorm", "pre_attn_norm": "input_layernorm"}
 
 
 class SteeringVector(nn.Module):
@@ -73,29 +74,7 @@ class SteeringVector(nn.Module):
         return self.delta().to(like.dtype)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder layers of a causal LM (also through a peft wrapper)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise UserError(f"cannot find decoder layers in {type(model).__name__}: expected model.get_decoder().layers")
-    return layers
-
-
-def steering_site(model: nn.Module, layer: int, hook_point: HookPoint) -> nn.Module:
-    """The module whose output is steered."""
-    layers = decoder_layers(model)
-    if not 0 <= layer < len(layers):
-        raise UserError(f"hook_layer {layer} is out of range: the model has {len(layers)} layers (0-based)")
-    if hook_point not in _SITE_NAMES:
-        raise UserError(f"unknown hook_point '{hook_point}': use one of {', '.join(_SITE_NAMES)}")
-    site = getattr(layers[layer], _SITE_NAMES[hook_point], None)
-    if site is None:
-        raise UserError(f"layer {layer} of {type(model).__name__} has no {_SITE_NAMES[hook_point]} to steer")
-    return site
-
-
-class Steering:
+class Steering(SteeringIntervention):
     """Adds ``alpha * v`` at one site of ``model`` while enabled; a context manager switches it off.
 
     Args:
@@ -118,29 +97,18 @@ class Steering:
     ) -> None:
         if positions not in ("all", "response", "last_k"):
             raise UserError(f"unknown steering positions '{positions}': use all, response or last_k")
+        super().__init__(layer)
         self.vector = vector
-        self.layer, self.hook_point, self.positions, self.last_k = layer, hook_point, positions, last_k
+        self.hook_point, self.positions, self.last_k = hook_point, positions, last_k
         self.prompt_offset = {"all": None, "response": 1, "last_k": last_k}[positions]
-        self.enabled = True
         self.record_site_norm = False
         self.site_norm: float | None = None
         self._prompt_len: int | None = None
-        self._chunk_start = 0
-        self._handles = [steering_site(model, layer, hook_point).register_forward_hook(self._add)]
+        self._register(steering_site(model, layer, hook_point), self._add)
         if self.prompt_offset is not None:
-            decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-            self._handles.append(decoder.register_forward_pre_hook(self._track_position, with_kwargs=True))
+            self._track_positions(model)
 
-    # -- switches ------------------------------------------------------------------------------
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
-        """The reference model: the same weights with the steering switched off."""
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
-
+    # -- switches (``disabled`` and ``remove`` come from :class:`Intervention`) --------------------
     @contextmanager
     def prompt_length(self, length: int) -> Iterator[None]:
         """Tell the position rule where the (left-padded) prompts end, for one generate/forward."""
@@ -150,20 +118,22 @@ class Steering:
         finally:
             self._prompt_len = previous
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    # -- what the engine reads -----------------------------------------------------------------
+    def steering_delta(self) -> torch.Tensor:
+        return self.vector.delta()
+
+    def steering_tensors(self) -> list[torch.Tensor]:
+        return [self.vector.v, self.vector.alpha]
+
+    def first_steered_column(self) -> int:
+        """First steered absolute column: the position rule (``-1`` = every column)."""
+        if self.prompt_offset is None:
+            return -1
+        if self._prompt_len is None:
+            raise RuntimeError("steering positions other than 'all' need Steering.prompt_length(P) around the call")
+        return int(self._prompt_len) - int(self.prompt_offset)
 
     # -- hooks ---------------------------------------------------------------------------------
-    def _track_position(self, module, args, kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        cache_position = kwargs.get("cache_position")
-        if cache_position is not None:
-            self._chunk_start = int(cache_position[0])
-        else:
-            self._chunk_start = int(cache.get_seq_length()) if cache is not None else 0
-
     def _add(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
         if self.record_site_norm:
             self.site_norm = float(output.detach().float().norm(dim=-1).median())
@@ -172,9 +142,7 @@ class Steering:
         delta = self.vector(output)
         if self.prompt_offset is None:
             return output + delta
-        if self._prompt_len is None:
-            raise RuntimeError("steering positions other than 'all' need Steering.prompt_length(P) around the call")
-        first = self._prompt_len - self.prompt_offset
+        first = self.first_steered_column()
         positions = torch.arange(output.shape[1], device=output.device) + self._chunk_start
         mask = (positions >= first).to(output.dtype)[None, :, None]
         return output + mask * delta

@@ -41,11 +41,12 @@ from contextlib import contextmanager, nullcontext
 from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from modules.models.steering import decoder_layers
+from modules.models.interventions import InjectionIntervention, decoder_layers, norm_matched_delta
 from modules.oracle.scheme import INJECTION_LAYER, STEERING_COEFFICIENT
+
+__all__ = ["ActivationInjection", "extract_activations", "norm_matched_delta", "subject_context"]
 
 
 def subject_context(model: nn.Module) -> Callable[[], ContextManager]:
@@ -121,13 +122,12 @@ def extract_activations(
     return out.detach()
 
 
-def norm_matched_delta(h: torch.Tensor, v: torch.Tensor, coefficient: float = STEERING_COEFFICIENT) -> torch.Tensor:
-    """``coefficient * ||h|| * v / ||v||`` over the last dim, in fp32 (the term added to ``h``)."""
-    return coefficient * h.float().norm(dim=-1, keepdim=True) * F.normalize(v.float(), dim=-1)
-
-
-class ActivationInjection:
+class ActivationInjection(InjectionIntervention):
     """Adds the subject's activations at the oracle's placeholders (see the module docstring).
+
+    The hooks, the switch and the add itself are :class:`InjectionIntervention`'s (shared with the
+    engine, which calls :meth:`apply_to_prompt_pass`); this class adds the public scheme's defaults
+    and :meth:`inject`.
 
     Args:
         model: The oracle (a causal LM, peft-wrapped or not); hooks go on its decoder.
@@ -136,20 +136,7 @@ class ActivationInjection:
     """
 
     def __init__(self, model: nn.Module, layer: int = INJECTION_LAYER, coefficient: float = STEERING_COEFFICIENT):
-        self.layer, self.coefficient = layer, coefficient
-        self.vectors: torch.Tensor | None = None
-        """[B, K, d] vectors being injected (None outside :meth:`inject`)."""
-        self.positions: torch.Tensor | None = None
-        """[B, K] long, absolute positions in the left-padded input; -1 = unused slot."""
-        self.enabled = True
-        self.calls = 0
-        """Chunks in which at least one placeholder was injected (a test and debugging aid)."""
-        self._chunk_start = 0
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-        self._handles = [
-            decoder.register_forward_pre_hook(self._track_position, with_kwargs=True),
-            decoder_layers(model)[layer].register_forward_hook(self._inject),
-        ]
+        super().__init__(model, layer, coefficient)
 
     @contextmanager
     def inject(self, vectors: torch.Tensor, positions: torch.Tensor) -> Iterator["ActivationInjection"]:
@@ -163,43 +150,3 @@ class ActivationInjection:
             yield self
         finally:
             self.vectors, self.positions = previous
-
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
-        """No injection inside, even within :meth:`inject`."""
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    # -- hooks -------------------------------------------------------------------------------------
-    def _track_position(self, module, args, kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        self._chunk_start = int(cache.get_seq_length()) if cache is not None else 0
-
-    def _inject(self, module, args, output):
-        if not self.enabled or self.vectors is None:
-            return output
-        h = _hidden(output)
-        batch, length, _ = h.shape
-        if batch != self.vectors.shape[0]:
-            raise RuntimeError(f"the injection holds {self.vectors.shape[0]} rows but the forward has {batch}")
-        relative = self.positions.to(h.device) - self._chunk_start
-        live = (self.positions.to(h.device) >= 0) & (relative >= 0) & (relative < length)
-        if not bool(live.any()):
-            return output
-        index = relative.clamp(0, length - 1)[..., None].expand(-1, -1, h.shape[-1])
-        original = h.gather(1, index)
-        delta = norm_matched_delta(original, self.vectors.to(h.device), self.coefficient)
-        delta = (delta * live[..., None]).detach()
-        added = torch.zeros(h.shape, dtype=torch.float32, device=h.device).scatter_add(1, index, delta)
-        self.calls += 1
-        new = (h.float() + added).to(h.dtype) if h.dtype != torch.float32 else h + added
-        # rows/positions without a placeholder keep h exactly (h + 0 in fp32 is exact)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
