@@ -188,7 +188,7 @@ def test_topk_without_k_asks_for_it(authors_folder, tmp_path):
 
 
 def test_embedded_names_and_files_as_sources(tmp_path):
-    from modules.sarm.checkpoint import resolve_sarm_source
+    from modules.sarm.sources import resolve_sarm_source
 
     with pytest.raises(UserError, match="unknown embedded SARM 'nope': known ones are sarm-smollm2"):
         resolve_sarm_source("embedded:nope")

@@ -48,7 +48,6 @@ Departures from the authors' code (github.com/schrieffer-z/sarm, ``src/modeling_
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,29 +347,3 @@ def write_sarm_folder(folder: str | Path, llama_config: dict, sarm_param: dict, 
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
-
-
-def resolve_sarm_source(source: str) -> Path:
-    """A local SARM folder for ``source``: a folder, ``embedded:<name>`` (built once, cached), or a Hub id."""
-    if source.startswith("embedded:"):
-        from modules.sarm.embedded import cached_sarm_folder
-
-        return cached_sarm_folder(source.split(":", 1)[1])
-    path = Path(source).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise UserError(f"SARM '{source}' is a file: point at a SARM folder (config.json + safetensors)")
-        return path
-    if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise UserError(f"SARM folder '{source}' does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*",
-                                                          "special_tokens_map.json"])
-    except Exception as err:  # offline, gated, unknown id: all one message
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise UserError(f"could not fetch SARM '{source}' from the Hub{offline}: {first}. "
-                        "Pass a local SARM folder, 'embedded:sarm-smollm2', or a reachable Hub id") from None
-    return Path(local)

@@ -198,7 +198,7 @@ def _train_head(diff: torch.Tensor, l2: float, steps: int, lr: float, seed: int)
 def build_embedded_sarm(options: BuildOptions, target: str | Path, progress: bool = True) -> BuildReport:
     """Run the recipe (module docstring) and write the SARM folder to ``target``."""
     from modules.models.loading import load_causal_lm, load_tokenizer
-    from modules.sarm.model import SARMRewardModel
+    from modules.sarm.network import SARMNetwork
 
     start = time.perf_counter()
     stages: dict[str, float] = {}
@@ -228,7 +228,7 @@ def build_embedded_sarm(options: BuildOptions, target: str | Path, progress: boo
     llama_config = base.config.to_dict()
     del base
     write_sarm_folder(target, llama_config, sarm_param, {**backbone, **placeholder}, tokenizer)
-    rm = SARMRewardModel.load(str(target), dtype="float32", device="cpu", max_length=options.max_length)
+    rm = SARMNetwork.from_folder(target, dtype="float32", device="cpu", max_length=options.max_length)
     stages["load"] = time.perf_counter() - start
 
     _say(progress, f"residual stream of {2 * (len(train_pairs) + len(heldout_pairs))} conversations")
