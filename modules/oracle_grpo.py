@@ -223,7 +223,10 @@ class OracleGRPO(LoRAMethod):
             return self.optimizer_step_on(chunks, lambda chunk: self.chunk_loss(chunk, iteration, totals),
                                           losses_are_shares=True)
 
-        steps = self.minibatch_passes(batch, self.num_iterations, self.num_minibatches, step)
+        try:
+            steps = self.minibatch_passes(batch, self.num_iterations, self.num_minibatches, step)
+        finally:
+            self.injection.vectors = self.injection.positions = None  # the last loss pass's (see chunk_loss)
         metrics = {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]}
         metrics.update(self._group_metrics)
         return metrics
@@ -232,8 +235,15 @@ class OracleGRPO(LoRAMethod):
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One chunk's share of the step's loss (see :data:`modules.rl.grpo.LOSS_AGGREGATIONS`)."""
         batch = chunk.rollout
+        # the injection is set, not entered as a context: this chunk's backward runs after this returns,
+        # and gradient checkpointing recomputes the injected layer there, which must inject the same
+        # vectors again (the next chunk's loss pass replaces them; update() clears the last)
+        vectors, positions = injection_from_records(batch.records, batch.prompt_ids.shape[1], self.device)
+        self.injection.vectors, self.injection.positions = vectors.to(self.policy.dtype), positions.long()
         with self.loss_pass():
-            logp = self._token_logp(batch)
+            mask = batch.response_mask.bool()
+            logp = scatter_to_rows(self.token_stats(response_hidden_states(self.policy, batch)[mask], None,
+                                                    batch).logp, mask)
         old = grpo.old_logprobs_for(iteration, chunk.scores.get("old_logp"))
         terms = grpo.grpo_token_loss(logp, old, chunk.scores.get("ref_logp"), chunk.advantages,
                                      batch.response_mask, chunk.valid.to(self.device), self.epsilon,

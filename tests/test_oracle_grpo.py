@@ -200,3 +200,38 @@ def test_an_adapter_of_another_scheme_is_refused(tiny_llama_dir, start_adapter, 
     (other / "ao_config.json").write_text(json.dumps({"hook_onto_layer": 5, "special_token": " ?"}))
     with pytest.raises(UserError, match="layer 5|hook_onto_layer"):
         tiny_oracle(tiny_llama_dir, str(other))
+
+
+def test_gradient_checkpointing_injects_again_when_it_recomputes_the_injected_layer(tiny_llama_dir, start_adapter):
+    """The loss pass's backward recomputes the injected layer under gradient checkpointing: it must add the
+    same vectors again, so the gradient equals the one without checkpointing."""
+    from datamodules.prompts import encode_prompts, read_records
+    from modules.on_policy import Experience
+    from modules.rewards import Rewards
+    from modules.rl import grpo
+
+    records = read_records("datamodules/data/oracle_train.jsonl", "question")[:2]
+    grads, injected = {}, {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = tiny_oracle(tiny_llama_dir, start_adapter, gradient_checkpointing=checkpointing)
+        if checkpointing:  # what on_fit_start does
+            module.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        prompts = encode_prompts(module.tokenizer, [r["prompt"] for r in records])
+        prompts.records = records
+        rollout = module.rollout_micro_batch(prompts.repeat(2), seed=0)
+        experience = Experience(rollout, Rewards(torch.tensor([1.0, 0.0, 3.0, 1.0]), torch.ones(4, dtype=torch.bool)),
+                                torch.tensor([0, 0, 1, 1]))
+        module.compute_advantages(experience)
+        totals = grpo.update_totals([rollout.response_mask], [experience.valid], module.sampling.max_new_tokens)
+        before = module.injection.calls
+        loss = module.chunk_loss(experience, 0, totals)[0]
+        forward_calls = module.injection.calls - before
+        loss.backward()
+        injected[checkpointing] = (forward_calls, module.injection.calls - before - forward_calls)
+        grads[checkpointing] = torch.cat([p.grad.flatten() for p in module.trainable_parameters()])
+    assert injected[False][0] > 0 and injected[False][1] == 0  # the loss pass injects; no recomputation
+    # where transformers recomputes a layer through its hooks, the backward injects again; where it
+    # recomputes the layer's forward alone, the hook's addition is outside the recomputed part
+    assert injected[True][1] in (0, injected[True][0])
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
