@@ -53,11 +53,9 @@ def _questions(count: int) -> list[str]:
 
 def run_ours(args) -> dict:
     """OracleGRPO for ``steps`` updates (one optimizer step each), timed by the update_cost harness."""
-    import lightning as L
     from transformers import AutoTokenizer
 
-    from benchmarks.update_cost import Timings, build
-    from callbacks.judge_batching import JudgeBatching
+    from benchmarks.update_cost import build, train_timed
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
@@ -68,17 +66,9 @@ def run_ours(args) -> dict:
                                  gradient_checkpointing=args.gradient_checkpointing == "on", lora_r=16,
                                  ppo_epochs=1, num_minibatches=1,
                                  loss_type="dapo")
-    module, data = build(options, tokenizer)
-    if ON_GPU:
-        torch.cuda.reset_peak_memory_stats()
-    timings = Timings()
-    trainer = L.Trainer(accelerator="gpu" if ON_GPU else "cpu", devices=1, max_epochs=-1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
-                        callbacks=[timings, JudgeBatching()])
-    trainer.fit(module, datamodule=data)
-    steps = [row["time/rollout_batch_s"] for row in timings.rows]
-    later = timings.rows[1:] or timings.rows
+    rows = train_timed(*build(options, tokenizer))
+    steps = [row["time/rollout_batch_s"] for row in rows]
+    later = rows[1:] or rows
     split = {k.removeprefix("time/"): statistics.median(r[k] for r in later if r.get(k) is not None)
              for k in ("time/generate_s", "time/reward_submit_s", "time/judge_wait_s", "time/score_s", "time/update_s")
              if any(r.get(k) is not None for r in later)}

@@ -101,6 +101,20 @@ class Timings(L.Callback):
         self.rows.append(row)
 
 
+def train_timed(module, data) -> list[dict]:
+    """Fit ``module`` on one device with the peak memory counted from now (after the build); the
+    timings of each update."""
+    if ON_GPU:
+        torch.cuda.reset_peak_memory_stats()  # the peak of training, not of building (a 4-bit base starts in bf16)
+    timings = Timings()
+    trainer = L.Trainer(accelerator="gpu" if ON_GPU else "cpu", devices=1, max_epochs=-1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+                        callbacks=[timings, JudgeBatching()])
+    trainer.fit(module, datamodule=data)
+    return timings.rows
+
+
 def build(args, tokenizer):
     """(module, data module) for ``args.method``."""
     common = dict(model=f"random-{args.method}", dtype="bfloat16" if ON_GPU else "float32", lora_r=args.lora_r,
@@ -176,21 +190,14 @@ def main() -> None:
     module, data = build(args, tokenizer)
     build_s = time.perf_counter() - start
     weights_gib = torch.cuda.memory_allocated() / 2**30 if ON_GPU else float("nan")
-    if ON_GPU:
-        torch.cuda.reset_peak_memory_stats()  # the peak of training, not of building (a 4-bit base starts in bf16)
-    timings = Timings()
-    trainer = L.Trainer(accelerator="gpu" if ON_GPU else "cpu", devices=1, max_epochs=-1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
-                        callbacks=[timings, JudgeBatching()])
-    trainer.fit(module, datamodule=data)
-    last = timings.rows[-1]
+    rows = train_timed(module, data)
+    last = rows[-1]
     result = {"device": torch.cuda.get_device_name() if ON_GPU else "cpu", "method": args.method, "shape": args.shape,
               "four_bit": args.four_bit, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
               "samples_per_prompt": args.samples_per_prompt if args.method == "oracle" else 1,
               "ppo_epochs": args.ppo_epochs, "num_minibatches": args.num_minibatches, "new_tokens": args.new_tokens,
               "update_batch_size": args.update_batch_size, "gradient_checkpointing": args.gradient_checkpointing,
-              "build_s": build_s, "weights_gib": weights_gib, "last_update": last, "per_update": timings.rows}
+              "build_s": build_s, "weights_gib": weights_gib, "last_update": last, "per_update": rows}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     name = (f"update_cost_{args.method}_b{args.batch_size}x{args.grad_accum}{'_4bit' if args.four_bit else ''}"
             f"{'_gc' if args.gradient_checkpointing else ''}.json")
