@@ -50,6 +50,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.resumable_csv import ResumableCSVLogger
 from modules.errors import UserError
+from modules.files import partial_path
 
 _UPDATE_FILE = re.compile(r"update(\d+)\.ckpt$")
 
@@ -216,7 +217,7 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
         last = Path(self.dirpath) / "last.ckpt"
         if trainer.is_global_zero and resumed is not None and resumed.parent.resolve() == last.parent.resolve() \
                 and resumed.name != last.name:
-            partial = last.with_name("." + last.name + ".partial")
+            partial = partial_path(last)
             shutil.copyfile(resumed, partial)
             os.replace(partial, last)
 
@@ -279,7 +280,7 @@ class EvenlySpacedCheckpoint(ModelCheckpoint):
         """Saving is driven by update counts only (a run resumed from its final checkpoint saves nothing)."""
 
     def _write_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        partial = os.path.join(os.path.dirname(filepath), "." + os.path.basename(filepath) + ".partial")
+        partial = str(partial_path(filepath))
         try:
             trainer.save_checkpoint(partial, self.save_weights_only)
         except OSError as err:  # a full disk, a folder that became read-only: keep the last good one

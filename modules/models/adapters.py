@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from modules.errors import UserError
+from modules.files import partial_path
 
 POLICY_ADAPTER = "default"
 REFERENCE_ADAPTER = "reference"
@@ -127,7 +128,7 @@ class LoRAPolicy:
         ``extra`` files (name -> tensors, ``torch.save``d), written atomically: into a hidden
         temporary folder that replaces ``folder`` when complete."""
         folder = Path(folder)
-        partial = folder.with_name("." + folder.name + ".partial")
+        partial = partial_path(folder)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         # the adapter's tensors as the modules hold them now (whole inside ``gathered``: a state_dict()
