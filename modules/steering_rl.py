@@ -72,7 +72,8 @@ class SteeringVectorRL(OnPolicyModule):
         model: Policy model: Hub id, local folder, .gguf file, or ``embedded:smollm2``.
         dtype: Dtype of the frozen model: ``auto`` (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32.
         hook_layer: Decoder layer (0-based) whose norm output is steered.
-        hook_point: ``post_attn_norm`` (output of the post-attention RMSNorm) or ``pre_attn_norm``.
+        hook_point: ``post_attn_norm`` (output of the post-attention RMSNorm), ``pre_attn_norm`` or
+            ``layer_output`` (the residual stream after the layer; exports to a llama.cpp control vector).
         steer_positions: ``all`` tokens, ``response`` positions only, or ``last_k`` prompt positions
             plus the response.
         steer_last_k: How many final prompt positions ``last_k`` steers.

@@ -41,7 +41,7 @@ def _by_hand(model, tokenizer, layer, hook_point):
     return torch.stack(diffs).mean(0)
 
 
-@pytest.mark.parametrize("hook_point", ["post_attn_norm", "pre_attn_norm"])
+@pytest.mark.parametrize("hook_point", ["post_attn_norm", "pre_attn_norm", "layer_output"])
 def test_caa_is_the_mean_difference_computed_by_hand(tiny_model_dir, hook_point):
     model, tokenizer = load_causal_lm(tiny_model_dir, "float32")
     expected = _by_hand(model, tokenizer, 2, hook_point)

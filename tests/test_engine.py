@@ -51,7 +51,7 @@ def test_a_seed_reproduces_a_rollout_and_another_seed_differs(tiny_llama_dir):
     assert not torch.equal(first[:, : other.shape[1]], other[:, : first.shape[1]])
 
 
-@pytest.mark.parametrize("hook_point", ["post_attn_norm", "pre_attn_norm"])
+@pytest.mark.parametrize("hook_point", ["post_attn_norm", "pre_attn_norm", "layer_output"])
 @pytest.mark.parametrize("positions,last_k", [("all", 1), ("response", 1), ("last_k", 3)])
 def test_steering_inside_the_engine_gives_the_logits_of_a_plain_forward(tiny_model_dir, hook_point, positions, last_k):
     model, tokenizer = load_causal_lm(tiny_model_dir, "float32")

@@ -17,19 +17,22 @@ def _capture(model, modules):
     """Record the outputs of ``modules`` during the next forward passes."""
     seen, handles = {}, []
     for name, module in modules.items():
-        handles.append(module.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.detach().clone())))
+        handles.append(module.register_forward_hook(
+            lambda m, i, o, name=name: seen.__setitem__(name, (o[0] if isinstance(o, tuple) else o).detach().clone())))
     return seen, handles
 
 
 @pytest.mark.parametrize("hook_point,site_name", [("post_attn_norm", "post_attention_layernorm"),
-                                                   ("pre_attn_norm", "input_layernorm")])
+                                                   ("pre_attn_norm", "input_layernorm"),
+                                                   ("layer_output", "layer")])
 def test_adds_exactly_alpha_v_at_the_site_and_nowhere_else(tiny_model_dir, hook_point, site_name):
     model, tokenizer = load_causal_lm(tiny_model_dir, "float32")
     batch = encode_prompts(tokenizer, PROMPTS)
     layers = decoder_layers(model)
     layer = 2
-    watched = {f"{i}.{n}": getattr(layers[i], n) for i in range(len(layers))
-               for n in ("input_layernorm", "post_attention_layernorm")}
+    sites = ("input_layernorm", "post_attention_layernorm", "layer")  # in the order they run
+    watched = {f"{i}.{n}": layers[i] if n == "layer" else getattr(layers[i], n) for i in range(len(layers))
+               for n in sites}
     seen, handles = _capture(model, watched)
     with torch.no_grad():
         base_logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -51,7 +54,7 @@ def test_adds_exactly_alpha_v_at_the_site_and_nowhere_else(tiny_model_dir, hook_
     torch.testing.assert_close(steered[site] - base[site], (0.5 * vector.v).expand_as(base[site]).detach(),
                                rtol=0, atol=1e-6)
     # everything computed before the site is untouched
-    order = [f"{i}.{n}" for i in range(len(layers)) for n in ("input_layernorm", "post_attention_layernorm")]
+    order = [f"{i}.{n}" for i in range(len(layers)) for n in sites]
     for name in order[: order.index(site)]:
         assert torch.equal(steered[name], base[name]), name
     # and the steering does change what comes after it

@@ -383,8 +383,13 @@ class RolloutEngine:
             mid = ops.silu_mul(gate, up) if parts.silu else mlp.act_fn(gate) * up
             down = fused.down(mid)[0] if fused.down else mlp.down_proj(mid)
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else parts.norm
-            if inject is not None and any(inj.layer == i for inj in plan.injection):
-                residual = inject(i, residual + down)
+            injected = inject is not None and any(inj.layer == i for inj in plan.injection)
+            steered_output = sites.get((i, "layer_output"), ())
+            if injected or steered_output:  # the layer's output is changed: add, then normalise
+                residual = residual + down
+                residual = inject(i, residual) if injected else residual
+                for gate, delta in steered_output:
+                    residual = ops.steer_add(residual, delta, gate)
                 normed = ops.rms_norm(residual, nxt.weight, nxt.variance_epsilon)
             else:
                 residual, normed = ops.add_rms_norm(residual, down, nxt.weight, nxt.variance_epsilon)

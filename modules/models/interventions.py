@@ -9,8 +9,8 @@ The rollout engine (:mod:`modules.engine`) runs its own forward and does not cal
 the interventions by their hooks' owners and runs each by calling a method of the intervention:
 
 - :class:`SteeringIntervention` (:class:`modules.models.steering.Steering`): adds
-  :meth:`~SteeringIntervention.steering_delta` to the output of a norm (``hook_point``) of layer
-  ``layer``, at the absolute columns ``>= first_steered_column()`` (``-1``: every column);
+  :meth:`~SteeringIntervention.steering_delta` to the output of a norm of layer ``layer``, or to the
+  layer's own output (the residual stream), as ``hook_point`` says, at the absolute columns ``>= first_steered_column()`` (``-1``: every column);
 - :class:`InjectionIntervention` (the oracle's ``ActivationInjection``): adds
   norm-matched vectors at chosen absolute positions of the output of layer ``layer``; the engine calls
   :meth:`~InjectionIntervention.apply_to_prompt_pass` on the prompt pass (the hook does the same math
@@ -28,8 +28,12 @@ from torch import nn
 
 from modules.errors import UserError
 
-HookPoint = Literal["post_attn_norm", "pre_attn_norm"]
-_SITE_NAMES = {"post_attn_norm": "post_attention_layernorm", "pre_attn_norm": "input_layernorm"}
+HookPoint = Literal["post_attn_norm", "pre_attn_norm", "layer_output"]
+_SITE_NAMES = {"post_attn_norm": "post_attention_layernorm", "pre_attn_norm": "input_layernorm",
+               "layer_output": None}
+"""hook point -> the attribute of a decoder layer whose output is steered; ``layer_output`` is the
+layer itself (its output is the residual stream after the layer, where llama.cpp adds a control
+vector)."""
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -52,6 +56,8 @@ def steering_site(model: nn.Module, layer: int, hook_point: HookPoint) -> nn.Mod
         raise UserError(f"hook_layer {layer} is out of range: the model has {len(layers)} layers (0-based)")
     if hook_point not in _SITE_NAMES:
         raise UserError(f"unknown hook_point '{hook_point}': use one of {', '.join(_SITE_NAMES)}")
+    if _SITE_NAMES[hook_point] is None:
+        return layers[layer]
     site = getattr(layers[layer], _SITE_NAMES[hook_point], None)
     if site is None:
         raise UserError(f"layer {layer} of {type(model).__name__} has no {_SITE_NAMES[hook_point]} to steer")
@@ -115,7 +121,7 @@ class Intervention:
 
 
 class SteeringIntervention(Intervention):
-    """Adds :meth:`steering_delta` to the output of the ``hook_point`` norm of layer ``layer``, at the
+    """Adds :meth:`steering_delta` to the output of the ``hook_point`` site of layer ``layer``, at the
     absolute columns ``>= first_steered_column()``. The engine adds it in its own forward."""
 
     hook_point: HookPoint

@@ -11,7 +11,9 @@ Hook points (module names as in Llama, Mistral and Qwen decoder layers):
 
 - ``post_attn_norm``: add ``alpha * v`` to the output of the layer's post-attention RMSNorm
   (the input of the MLP);
-- ``pre_attn_norm``: add it to the output of the layer's input RMSNorm (the input of attention).
+- ``pre_attn_norm``: add it to the output of the layer's input RMSNorm (the input of attention);
+- ``layer_output``: add it to the output of the decoder layer, the residual stream after the layer
+  (the site of a llama.cpp control vector, so such a vector exports exactly).
 
 Positions: ``all`` steers every token; ``response`` steers the positions that predict response
 tokens (the last prompt token and every generated token), leaving the prompt's own
@@ -81,7 +83,7 @@ class Steering(SteeringIntervention):
         model: The frozen causal LM (Llama/Qwen/Mistral-style decoder layers).
         vector: The trainable :class:`SteeringVector`.
         layer: Decoder layer index (0-based).
-        hook_point: ``post_attn_norm`` or ``pre_attn_norm``.
+        hook_point: ``post_attn_norm``, ``pre_attn_norm`` or ``layer_output``.
         positions: ``all``, ``response`` or ``last_k`` (see the module docstring).
         last_k: Number of final prompt positions steered when ``positions == "last_k"``.
     """
@@ -134,7 +136,9 @@ class Steering(SteeringIntervention):
         return int(self._prompt_len) - int(self.prompt_offset)
 
     # -- hooks ---------------------------------------------------------------------------------
-    def _add(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
+    def _add(self, module, inputs, output):
+        if isinstance(output, tuple):  # a decoder layer (``layer_output``) may return (hidden, ...)
+            return (self._add(module, inputs, output[0]), *output[1:])
         if self.record_site_norm:
             self.site_norm = float(output.detach().float().norm(dim=-1).median())
         if not self.enabled:
