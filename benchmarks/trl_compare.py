@@ -12,9 +12,11 @@ extraction, injection and the token-F1 judge included: ours does more per step, 
     python benchmarks/trl_compare.py --tokenizer PATH [--steps 4] [--shape qwen3-8b|tiny] \
         [--ours 32:off 16:on 8:on]
 
-``--ours`` lists our variants as ``update_batch_size:gradient_checkpointing``: the same optimizer step
-computed in chunks of that many rows, with or without activation checkpointing (our memory tools;
-TRL runs with checkpointing off, as configured here). Prints one table (seconds per optimizer step,
+``--ours`` lists our variants as ``update_batch_size:gradient_checkpointing[:generation_batch_size]``:
+the same optimizer step computed in chunks of that many rows, with or without activation
+checkpointing (our memory tools; TRL runs with checkpointing off, as configured here), and
+optionally that many rows per generate call (default: one micro-batch; TRL generates the whole
+step's completions in one call). Prints one table (seconds per optimizer step,
 the median over the steps after the first; peak GPU memory after the model was built; the ratio to
 TRL) with the device, and writes ``$OUT/trl_compare.json``. TRL is a benchmark-only dependency (``../shared/device/wheels.sh --trl``).
 """
@@ -64,7 +66,7 @@ def run_ours(args) -> dict:
                                  samples_per_prompt=args.samples_per_prompt, new_tokens=args.new_tokens,
                                  updates=args.steps, four_bit=False, update_batch_size=args.update_batch_size,
                                  gradient_checkpointing=args.gradient_checkpointing == "on", lora_r=16,
-                                 ppo_epochs=1, num_minibatches=1,
+                                 ppo_epochs=1, num_minibatches=1, generation_batch_size=args.generation_batch_size,
                                  loss_type="dapo")
     rows = train_timed(*build(options, tokenizer))
     steps = [row["time/rollout_batch_s"] for row in rows]
@@ -144,6 +146,7 @@ def main() -> None:
     parser.add_argument("--side", choices=("both", "ours", "trl"), default="both")
     parser.add_argument("--update_batch_size", type=int, default=None, help="(internal) one variant's chunk rows")
     parser.add_argument("--gradient_checkpointing", choices=("on", "off"), default="off", help="(internal)")
+    parser.add_argument("--generation_batch_size", type=int, default=None, help="(internal) rows per generate call")
     parser.add_argument("--result", default=None, help="(internal) where a side writes its JSON")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
@@ -154,9 +157,12 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if ON_GPU else "cpu"
     sides = {}
-    runs = [("trl", "trl", [])] + [(f"ours {v}", "ours", ["--update_batch_size", v.split(":")[0],
-                                                          "--gradient_checkpointing", v.split(":")[1]])
-                                   for v in args.ours]
+    def variant(spec: str) -> list[str]:
+        chunk, checkpointing, *generation = spec.split(":")
+        return (["--update_batch_size", chunk, "--gradient_checkpointing", checkpointing]
+                + (["--generation_batch_size", generation[0]] if generation else []))
+
+    runs = [("trl", "trl", [])] + [(f"ours {v}", "ours", variant(v)) for v in args.ours]
     for label, side, extra in runs:
         out = Path(tempfile.mkdtemp()) / "side.json"
         command = [sys.executable, __file__, "--side", side, "--result", str(out), *extra]
@@ -190,7 +196,8 @@ def main() -> None:
           f"{args.shape}, LoRA r=16 all-linear, {per_step} completions ({per_step // args.samples_per_prompt} "
           f"questions x G={args.samples_per_prompt}) per optimizer step in {args.grad_accum} micro-batches, "
           f"{args.new_tokens} new tokens, loss dapo, beta 0\n")
-    print("| trainer (update chunk rows : activation checkpointing) | s / optimizer step (median) | peak GiB "
+    print("| trainer (update chunk rows : activation checkpointing [: rows per generate call]) "
+          "| s / optimizer step (median) | peak GiB "
           "| time vs TRL | memory vs TRL |")
     print("|---|---|---|---|---|")
     for label, side in sides.items():

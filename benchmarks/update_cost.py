@@ -120,7 +120,8 @@ def build(args, tokenizer):
     common = dict(model=f"random-{args.method}", dtype="bfloat16" if ON_GPU else "float32", lora_r=args.lora_r,
                   lora_alpha=2 * args.lora_r, batch_size=args.batch_size, grad_accum=args.grad_accum,
                   total_updates=args.updates, max_new_tokens=args.new_tokens, lr=1e-5,
-                  update_batch_size=args.update_batch_size, gradient_checkpointing=args.gradient_checkpointing)
+                  update_batch_size=args.update_batch_size, gradient_checkpointing=args.gradient_checkpointing,
+                  generation_batch_size=getattr(args, "generation_batch_size", None))
     if args.method == "oracle":
         from modules.models.adapters import LoRAPolicy
         from modules.oracle_grpo import OracleGRPO
@@ -177,6 +178,7 @@ def main() -> None:
     parser.add_argument("--four_bit", action="store_true")
     parser.add_argument("--update_batch_size", type=int, default=None, help="Rows per forward/backward chunk.")
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--generation_batch_size", type=int, default=None, help="Rows per generate call.")
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--loss_type", default="dr_grpo", help="OracleGRPO's loss aggregation (--method oracle).")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -197,6 +199,7 @@ def main() -> None:
               "samples_per_prompt": args.samples_per_prompt if args.method == "oracle" else 1,
               "ppo_epochs": args.ppo_epochs, "num_minibatches": args.num_minibatches, "new_tokens": args.new_tokens,
               "update_batch_size": args.update_batch_size, "gradient_checkpointing": args.gradient_checkpointing,
+              "generation_batch_size": args.generation_batch_size,
               "build_s": build_s, "weights_gib": weights_gib, "last_update": last, "per_update": rows}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     name = (f"update_cost_{args.method}_b{args.batch_size}x{args.grad_accum}{'_4bit' if args.four_bit else ''}"

@@ -67,6 +67,10 @@ class OnPolicyModule(PolicyModule):
             smaller chunks bound activation memory without changing the step.
         gradient_checkpointing: Recompute the policy's decoder layers in the backward pass instead of
             storing their activations (less memory, about a third more compute per loss pass).
+        generation_batch_size: Rows per generate call (default: batch_size); e.g. the whole rollout
+            batch (batch_size * grad_accum) in one call, which a GPU decodes in about the time of one
+            micro-batch. A multiple of samples_per_prompt. Seeds follow the generate calls, so another
+            value samples other replies.
     """
 
     def __init__(self, batch_size: int = 8, grad_accum: int = 1, samples_per_prompt: int = 1, total_updates: int = 30,
@@ -74,13 +78,15 @@ class OnPolicyModule(PolicyModule):
                  lr: float = 1e-2, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
                  lr_schedule: LRSchedule = "constant", warmup_updates: int = 0, seed: int = 0,
                  reward_ema_decay: float = 0.9, max_skipped_updates: int = 10, max_updates_without_signal: int = 3,
-                 update_batch_size: int | None = None, gradient_checkpointing: bool = False) -> None:
+                 update_batch_size: int | None = None, gradient_checkpointing: bool = False,
+                 generation_batch_size: int | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the trainable state only
         self.batch_size, self.grad_accum, self.total_updates = batch_size, grad_accum, total_updates
         self.samples_per_prompt, self.seed = samples_per_prompt, seed
         self.update_batch_size, self.gradient_checkpointing = update_batch_size or batch_size, gradient_checkpointing
+        self.generation_batch_size = generation_batch_size or batch_size
         self.lr, self.weight_decay, self.max_grad_norm = lr, weight_decay, max_grad_norm
         self.lr_schedule, self.warmup_updates = lr_schedule, warmup_updates
         self.sampling = SamplingConfig(max_new_tokens, temperature, top_p)
@@ -188,18 +194,20 @@ class OnPolicyModule(PolicyModule):
         return self.reward.hold() if self.batch_judge_calls else nullcontext()
 
     def collect(self, batch: PromptBatch) -> list[Experience]:
-        """Rollouts of every micro-batch, each reward submitted as soon as its rollout exists."""
+        """Rollouts of every generate call (``generation_batch_size`` rows), each reward submitted as
+        soon as its rollout exists."""
         pending: list[tuple[Rollout, PendingRewards, torch.Tensor]] = []
         rows = batch.repeat(self.samples_per_prompt)
         groups = torch.arange(len(batch.prompts)).repeat_interleave(self.samples_per_prompt)
-        parts = rows.split(self.batch_size)
+        size = self.generation_batch_size
+        parts = rows.split(size)
         show = len(parts) > 1 and self._trainer is not None and self.trainer.is_global_zero
         submit_s = 0.0
         for k, micro in enumerate(tqdm(parts, desc=f"rollouts of update {batch.index + 1}", leave=False,
                                        disable=not show)):
             rollout = self.rollout_micro_batch(micro, self.rollout_seed(batch.index, k))
             rollout.records = rollout.records or list(micro.records)
-            group = groups[k * self.batch_size : k * self.batch_size + len(micro.prompts)]
+            group = groups[k * size : k * size + len(micro.prompts)]
             started = time.perf_counter()
             pending.append((rollout, self.reward.submit(rollout), group))
             submit_s += time.perf_counter() - started

@@ -44,13 +44,16 @@ def check_loop_options(module: OnPolicyModule) -> None:
               "max_new_tokens": module.sampling.max_new_tokens,
               "max_skipped_updates": module.guard.max_skipped_updates,
               "max_updates_without_signal": module.guard.max_updates_without_signal,
-              "update_batch_size": module.update_batch_size}
+              "update_batch_size": module.update_batch_size, "generation_batch_size": module.generation_batch_size}
     for name, value in counts.items():
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     if module.batch_size % module.samples_per_prompt:
         raise UserError(f"samples_per_prompt ({module.samples_per_prompt}) must divide batch_size "
                         f"({module.batch_size}): a group of replies to one prompt is never split across micro-batches")
+    if module.generation_batch_size % module.samples_per_prompt:
+        raise UserError(f"samples_per_prompt ({module.samples_per_prompt}) must divide generation_batch_size "
+                        f"({module.generation_batch_size}): a group of replies is generated in one call")
     if not module.sampling.temperature > 0:
         raise UserError(f"temperature must be > 0, got {module.sampling.temperature} "
                         "(sampling needs a positive temperature)")

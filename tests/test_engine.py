@@ -395,3 +395,62 @@ def test_lora_groups_follow_updates_and_switches_and_leave_the_base_bit_identica
     assert engine._projections[0].qkv is group  # updates and switches need no new fusing
     after = {k.replace(".base_layer", ""): v for k, v in base.state_dict().items() if "lora_" not in k}
     assert after.keys() == frozen.keys() and all(torch.equal(frozen[k], after[k]) for k in frozen)  # bit-identical
+
+
+def _prompt_pass_rows(monkeypatch) -> list[int]:
+    """Record the rows of each prompt pass (the engine refuses foreign hooks, so not through a hook)."""
+    import modules.engine.engine as engine_module
+
+    seen, choose = [], engine_module.shared_prompt_rows
+
+    def recording(ids, mask, injections):
+        rows, source = choose(ids, mask, injections)
+        seen.append(len(ids) if rows is None else len(rows))
+        return rows, source
+
+    monkeypatch.setattr(engine_module, "shared_prompt_rows", recording)
+    return seen
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_the_samples_of_one_prompt_share_one_prompt_pass(tiny_model_dir, greedy, monkeypatch):
+    model, tokenizer = load_causal_lm(tiny_model_dir, "float32")
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2 + [PROMPTS[0]]  # runs of 3, 2 and 1 equal rows
+    batch = encode_prompts(tokenizer, prompts)
+    vector = SteeringVector(model.config.hidden_size, alpha_init=1.0)
+    with torch.no_grad():
+        vector.v.normal_(0, 1.0)
+    steering = Steering(model, vector, 1, "layer_output", "response")
+    passes = _prompt_pass_rows(monkeypatch)
+    stops = stop_token_ids(model, tokenizer)
+    with steering.prompt_length(batch.input_ids.shape[1]):
+        out = RolloutEngine(model).generate(**generate_args(model, tokenizer, batch, 10, seed=3, greedy=greedy,
+                                                            keep_logits=True))
+        assert passes[0] == 3  # one row per run
+        with torch.no_grad():
+            logits, mask = plain_logits(model, batch.input_ids, batch.attention_mask, out.tokens, stops)
+    torch.testing.assert_close(out.logits[mask], logits[mask], **TOL)
+    if greedy:  # equal rows, equal tokens
+        assert torch.equal(out.tokens[0], out.tokens[1]) and torch.equal(out.tokens[3], out.tokens[4])
+    else:  # each row still draws its own tokens
+        assert not torch.equal(out.tokens[0], out.tokens[1])
+
+
+def test_rows_with_equal_prompts_but_other_injections_do_not_share_a_prompt_pass(tiny_llama_dir, monkeypatch):
+    model, tokenizer = load_causal_lm(tiny_llama_dir, "float32")
+    row = {"context": "I loved this film.", "question": "Positive or negative?", "answer": "positive"}
+    batch = build_oracle_batch(model, tokenizer, [row, row, row], num_positions=3)
+    vectors = batch.vectors.clone()
+    vectors[2] += 1.0  # the third row injects other activations into the same prompt
+    injection = ActivationInjection(model)
+    passes = _prompt_pass_rows(monkeypatch)
+    stops = stop_token_ids(model, tokenizer)
+    with injection.inject(vectors, batch.positions):
+        out = RolloutEngine(model).generate(prompt_ids=batch.input_ids, prompt_mask=batch.attention_mask,
+                                            max_new_tokens=6, stop_ids=stops, pad_id=tokenizer.pad_token_id,
+                                            greedy=True, keep_logits=True)
+        with torch.no_grad():
+            logits, mask = plain_logits(model, batch.input_ids, batch.attention_mask, out.tokens, stops)
+    assert passes[0] == 2
+    torch.testing.assert_close(out.logits[mask], logits[mask], **TOL)
+    assert (out.logits[1, 0] - out.logits[2, 0]).abs().max() > 1e-4

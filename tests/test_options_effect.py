@@ -459,3 +459,30 @@ def test_epsilon_high_raises_only_the_upper_clip_bound(tiny_llama_dir, tmp_path,
     positive = torch.tensor([0.5, 0.0, 1.0, 0.0])
     expected = 0.05 * float((positive * lengths).sum()) / (4 * 4)
     assert losses["default"] - losses["high"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_generation_batch_size_sets_the_rows_per_generate_call_and_nothing_else(tiny_llama_dir, tmp_path):
+    def generate_calls(folder, **options):
+        torch.manual_seed(0)
+        module = tiny_module(tiny_llama_dir, total_updates=1, batch_size=1, grad_accum=2, **options)
+        calls, sample = [], module.rollout_micro_batch
+
+        def counted(prompts, seed):
+            calls.append(len(prompts.prompts))
+            return sample(prompts, seed)
+
+        module.rollout_micro_batch = counted
+        recorder = StepRecorder()
+        fit(module, folder, [recorder])
+        return calls, recorder, module.last_experiences[0]
+
+    default_calls, default_step, default_rows = generate_calls(tmp_path / "default")
+    whole_calls, whole_step, whole_rows = generate_calls(tmp_path / "whole", generation_batch_size=2)
+    assert default_calls == [1, 1]  # default: one generate call per micro-batch of batch_size rows
+    assert whole_calls == [2]
+    # the same prompts and groups reach the update, in the same update chunks (update_batch_size)
+    assert whole_rows.rollout.prompts == default_rows.rollout.prompts
+    assert torch.equal(whole_rows.group, default_rows.group)
+    assert whole_step.grad_forward_rows == default_step.grad_forward_rows == [1, 1]
+    with pytest.raises(Exception, match="generation_batch_size"):
+        tiny_module(tiny_llama_dir, samples_per_prompt=2, generation_batch_size=3)

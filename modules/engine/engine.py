@@ -5,12 +5,14 @@ the steering's position rule act there, as in HF ``generate``), then one decode 
 On CUDA each decode step is a replay of a captured graph; the graphs read the model's weights, the
 steering vector and the LoRA weights where they live, so an optimizer step needs no new capture.
 A graph attends over the first ``L`` cache columns, ``L`` a multiple of :data:`KV_BUCKET`; one graph
-per ``L`` is captured (once, before the first token is drawn, so a seed reproduces a rollout).
+per ``L`` is captured (once, before the first token is drawn, so a seed reproduces a rollout). The
+samples of one prompt (equal neighbouring rows) share one prompt pass.
 
 What makes a decode step cheap (each measured on an H200, ``benchmarks/RESULTS.md``): the q/k/v and
 gate/up weights of a frozen base are views into one buffer per layer, one GEMM each, and a LoRA
-adapter adds one more GEMM per group of projections (:mod:`modules.engine.fusion`); the GEMMs are captured with cuBLASLt, which reads the narrow o_proj
-and down_proj weights faster than cuBLAS's default choice; the new key and value go into one cache
+adapter adds one more GEMM per group of projections (:mod:`modules.engine.fusion`); the GEMMs are
+captured with cuBLASLt, which reads the narrow o_proj and down_proj weights faster than cuBLAS's
+default choice; the new key and value go into one cache
 tensor with one copy; attention is two batched GEMMs around a fused softmax (the query heads that
 share a key head are rows of one product; scores leave the GEMM in fp32), cheaper at a few hundred
 keys than SDPA's kernels; the element-wise pieces are fused by ``torch.compile``.
@@ -119,6 +121,21 @@ class _Plan:
     use_top_p: bool
     projections: list[LayerProjections] = field(default_factory=list)
     """Per layer: its fused projection groups."""
+
+
+def shared_prompt_rows(ids: torch.Tensor, mask: torch.Tensor, injections) -> tuple[torch.Tensor | None,
+                                                                                    torch.Tensor | None]:
+    """``(rows, source)`` for a prompt pass shared by runs of equal consecutive rows (same ids, mask
+    and injection): ``rows`` [U] the first row of each run, ``source`` [B] the index into ``rows`` of
+    each row's run; ``(None, None)`` when no two neighbours are equal."""
+    same = (ids[1:] == ids[:-1]).all(-1) & (mask[1:] == mask[:-1]).all(-1)
+    for injection in injections:
+        injected_alike = injection.same_rows()
+        same = same if injected_alike is None else same & injected_alike.to(same.device)
+    if not bool(same.any()):
+        return None, None
+    starts = torch.cat([same.new_ones(1), ~same])
+    return starts.nonzero().squeeze(-1), starts.long().cumsum(0) - 1
 
 
 def _bucket(length: int) -> int:
@@ -457,7 +474,15 @@ class RolloutEngine:
         self._sample_into(state, plan, parts.lm_head(normed[:, -1]).float())
 
     def _prefill(self, parts: DecoderParts, state: _State, plan: _Plan, ids: torch.Tensor, mask: torch.Tensor) -> None:
-        """The prompt pass (eager): fills cache columns ``[0, P)``, injects, draws the first token."""
+        """The prompt pass (eager): fills cache columns ``[0, P)``, injects, draws the first token.
+
+        Runs of equal rows (the samples of one prompt: same ids, mask and injection) share one pass:
+        it runs over the first row of each run and its keys, values and last logits are copied to the
+        other rows, which then sample their own tokens."""
+        full_mask = mask
+        rows, source = shared_prompt_rows(ids, mask, plan.injection)
+        if rows is not None:
+            ids, mask = ids[rows], mask[rows]
         batch, length = ids.shape
         d, groups = parts.head_dim, parts.num_heads // parts.num_kv_heads
         mask = mask.long()
@@ -474,8 +499,8 @@ class RolloutEngine:
             q, k, v = self._qkv(plan, i, attn, x)
             q, k = self._rope(parts, EAGER_OPS.qk_rope, attn, q, k, cos, sin)
             v = v.view(batch, length, parts.num_kv_heads, d).transpose(1, 2)
-            state.kv[i, 0, :, :, :length] = k
-            state.kv[i, 1, :, :, :length] = v
+            state.kv[i, 0, :, :, :length] = k if source is None else k[source]
+            state.kv[i, 1, :, :, :length] = v if source is None else v[source]
             if groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=attn.scaling)
@@ -483,7 +508,7 @@ class RolloutEngine:
 
         def inject(i, h):
             for inj in plan.injection:
-                h = inj.apply_to_prompt_pass(h, i)
+                h = inj.apply_to_prompt_pass(h, i, rows)
             return h
 
         gates = [(cols >= s.first_steered_column()).to(hidden.dtype)[None, :, None] for s in plan.steering]
@@ -491,7 +516,8 @@ class RolloutEngine:
         state.cache_pos.fill_(0)
         state.step.fill_(0)
         state.done.zero_()
-        self._sample_into(state, plan, parts.lm_head(normed[:, -1]).float())
-        state.pos_ids.copy_(mask.sum(-1))
+        last = parts.lm_head(normed[:, -1]).float()
+        self._sample_into(state, plan, last if source is None else last[source])
+        state.pos_ids.copy_(full_mask.sum(-1))
         state.cache_pos.fill_(length)
 

@@ -200,12 +200,25 @@ class InjectionIntervention(Intervention):
         self.calls += 1
         return new
 
-    def apply_to_prompt_pass(self, hidden: torch.Tensor, layer_index: int) -> torch.Tensor:
+    def apply_to_prompt_pass(self, hidden: torch.Tensor, layer_index: int,
+                             rows: torch.Tensor | None = None) -> torch.Tensor:
         """The output of decoder layer ``layer_index`` over a whole prompt pass (absolute column 0
-        first), with this injection applied as its hook applies it; unchanged at other layers."""
+        first), with this injection applied as its hook applies it; unchanged at other layers.
+        ``rows``: the pass holds only these rows of the batch (a prompt pass shared by equal rows)."""
         if layer_index != self.layer or not self.pending:
             return hidden
-        return self._add(hidden, 0)
+        if rows is None:
+            return self._add(hidden, 0)
+        new = add_at_positions(hidden, self.vectors[rows], self.positions[rows], 0, self.coefficient)
+        self.calls += new is not None
+        return hidden if new is None else new
+
+    def same_rows(self) -> torch.Tensor | None:
+        """[B-1] bool: row ``i+1`` is injected exactly as row ``i`` (None: nothing is injected)."""
+        if not self.pending:
+            return None
+        same_vectors = (self.vectors[1:] == self.vectors[:-1]).flatten(1).all(-1)
+        return same_vectors & (self.positions[1:] == self.positions[:-1]).all(-1)
 
     def _inject(self, module, args, output):
         if not self.pending:
