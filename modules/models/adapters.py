@@ -33,6 +33,7 @@ from torch import nn
 
 from modules.errors import UserError
 from modules.files import partial_path
+from modules.models.hub import resolve_adapter_folder
 
 POLICY_ADAPTER = "default"
 REFERENCE_ADAPTER = "reference"
@@ -56,7 +57,7 @@ class LoRAPolicy:
 
     Args:
         base_model: A frozen causal LM (its parameters stay frozen).
-        adapter_path: Start from this PEFT adapter folder (trainable), else a fresh adapter.
+        adapter_path: Start from this PEFT adapter folder or Hub id (trainable), else a fresh adapter.
         r, alpha, dropout, target_modules: LoRA options of a fresh adapter (ignored when loading).
         keep_reference: Load the starting adapter a second time, frozen, for ``reference()``.
     """
@@ -67,7 +68,7 @@ class LoRAPolicy:
 
         self.adapter_path = adapter_path
         if adapter_path:
-            folder = Path(adapter_path).expanduser()
+            folder = resolve_adapter_folder(adapter_path)  # a path, or a Hub id fetched to the HF cache
             if not (folder / "adapter_config.json").is_file():
                 raise UserError(f"adapter path '{adapter_path}' holds no adapter_config.json: "
                                 "point at a folder written by peft's save_pretrained")
