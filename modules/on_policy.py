@@ -10,10 +10,10 @@ A method sets ``policy``, ``tokenizer`` and ``reward`` and implements five hooks
                          ``minibatch_passes`` and ``loss_pass``)
     reference            a context in which the policy is the reference policy
 
-One ``training_step`` takes the prompts of one rollout batch through them: ``collect`` samples each
-micro-batch of ``batch_size`` rows (``samples_per_prompt`` rows per prompt, a group never split;
-the seed a pure function of the run seed, the rollout-batch index, the micro-batch and the rank)
-and submits its rewards at once (remote judges work while the next one generates); then ``score``,
+One ``training_step`` takes the prompts of one rollout batch through them: ``collect`` samples
+``generation_batch_size`` rows per call (a group of ``samples_per_prompt`` rows never split; the
+seed a function of the run seed, the rollout batch, the call and the rank) and submits their
+rewards at once (remote judges work while the next call generates); then ``score``,
 ``compute_advantages`` and ``update``. "An update" is one rollout batch: ``total_updates`` counts
 them, and checkpoints, progress, held-out evaluations and resume count ``rollout_batches_done``;
 ``trainer.global_step`` counts every ``opt.step()``.
@@ -40,7 +40,7 @@ from modules.rewards import PendingRewards
 from modules.rollout import Rollout, SamplingConfig
 from modules.run_guard import (RunGuard, check_loop_options, checkpointed_keys, load_run_state, save_run_state,
                                step_if_finite)
-from modules.update_log import UpdateLog
+from modules.update_log import UpdateLog, weighted_mean
 
 
 class OnPolicyModule(PolicyModule):
@@ -67,10 +67,8 @@ class OnPolicyModule(PolicyModule):
             smaller chunks bound activation memory without changing the step.
         gradient_checkpointing: Recompute the policy's decoder layers in the backward pass instead of
             storing their activations (less memory, about a third more compute per loss pass).
-        generation_batch_size: Rows per generate call (default: batch_size); e.g. the whole rollout
-            batch (batch_size * grad_accum) in one call, which a GPU decodes in about the time of one
-            micro-batch. A multiple of samples_per_prompt. Seeds follow the generate calls, so another
-            value samples other replies.
+        generation_batch_size: Rows per generate call (default: batch_size); the whole rollout batch
+            in one call decodes in about the time of one micro-batch on a GPU. Seeds follow the calls.
     """
 
     def __init__(self, batch_size: int = 8, grad_accum: int = 1, samples_per_prompt: int = 1, total_updates: int = 30,
@@ -279,7 +277,7 @@ class OnPolicyModule(PolicyModule):
         finite, grad_norm = step_if_finite(self, opt, finite)
         self.guard.record_step(finite, self.rollout_batches_done + 1)
         opt.zero_grad(set_to_none=True)
-        out = {k: _weighted_mean([m[k] for m in per_chunk], weights) for k in per_chunk[0]}
+        out = {k: weighted_mean([m[k] for m in per_chunk], weights) for k in per_chunk[0]}
         if losses_are_shares:
             out["loss"] = float(sum(float(m["loss"]) for m in per_chunk))
         out["grad_norm"] = float(grad_norm)
@@ -298,10 +296,3 @@ class OnPolicyModule(PolicyModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         load_run_state(self, checkpoint)
-
-
-def _weighted_mean(values: list[torch.Tensor], weights: list[float]) -> float:
-    total = sum(weights)
-    if total <= 0:
-        return float(torch.stack([v.float() for v in values]).mean())
-    return float(sum(float(v) * w for v, w in zip(values, weights)) / total)

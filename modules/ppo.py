@@ -93,7 +93,7 @@ class PPO(LoRAMethod):
         model: Base model: Hub id, local folder, .gguf file, or ``embedded:smollm2``.
         dtype: Dtype of the frozen base: ``auto`` (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32.
         load_in_4bit: Load the base in 4-bit NF4 (bitsandbytes, CUDA only); LoRA and value head stay fp32.
-        adapter_path: Start from this PEFT adapter folder (e.g. an SFT adapter); else a fresh adapter.
+        adapter_path: Start from this PEFT adapter (folder or Hub id, e.g. an SFT adapter); else a fresh adapter.
         lora_r: LoRA rank of a fresh adapter.
         lora_alpha: LoRA scaling numerator of a fresh adapter.
         lora_dropout: LoRA dropout (applied in the loss forward only).

@@ -128,3 +128,11 @@ class UpdateLog:
              "len": metrics["response/length"]},
             on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=1,
         )
+
+
+def weighted_mean(values: list[torch.Tensor], weights: list[float]) -> float:
+    """The mean of ``values`` weighted by ``weights`` (the plain mean when no weight is positive)."""
+    total = sum(weights)
+    if total <= 0:
+        return float(torch.stack([v.float() for v in values]).mean())
+    return float(sum(float(v) * w for v, w in zip(values, weights)) / total)

@@ -145,13 +145,16 @@ def adapter_folder(options: SFTOptions, cache_dir: str | Path | None = None) -> 
 
 
 def resolve_oracle_adapter(spec: str, cache_dir: str | Path | None = None) -> str:
-    """``embedded:<name>`` -> the cached SFT adapter folder (built on first use); anything else as is."""
+    """``embedded:<name>`` -> the cached SFT adapter folder (built on first use); a Hub reference
+    (``owner/name[@revision][:folder]``) -> its folder in the HF cache; a path as is."""
     if spec.startswith("embedded:"):
         name = spec.split(":", 1)[1]
         if name not in EMBEDDED_ADAPTERS:
             raise UserError(f"unknown embedded oracle adapter '{name}': known ones are {', '.join(EMBEDDED_ADAPTERS)}")
         return str(build_sft_adapter(EMBEDDED_ADAPTERS[name], cache_dir=cache_dir))
-    return spec
+    from modules.models.hub import resolve_adapter_folder
+
+    return str(resolve_adapter_folder(spec))
 
 
 # -- the stage --------------------------------------------------------------------------------------
