@@ -5,7 +5,8 @@ Which mode fits which server:
 - ``mode="echo"`` (exact, ``kind="loglik"``): teacher-forced scoring on the *completions* endpoint.
   The judge's chat text is rendered here (:mod:`modules.judges.chat_format`), the policy's response
   is appended, and ``echo=True, logprobs=1`` returns the log-probability of every prompt token; the
-  response's span is summed. Fits vLLM, SGLang and other TGI-style servers that return prompt
+  response's span is summed. Fits vLLM, SGLang (whose offsets are rebuilt from the token texts) and
+  other servers that return prompt
   logprobs with echo.
   Other servers may answer echo requests with logprobs shifted by one position against their
   tokens, or with no prompt logprobs at all: keep ``alignment_check`` on, and
@@ -27,6 +28,8 @@ warning line; the API key is read from an environment variable and never stored 
 """
 
 from __future__ import annotations
+
+import itertools
 
 import asyncio
 import json
@@ -390,6 +393,8 @@ def echo_span(choice: dict, usage: dict | None, response: str) -> list[tuple[str
     tokens, values, offsets = lp["tokens"], lp["token_logprobs"], lp["text_offset"]
     if not len(tokens) == len(values) == len(offsets):
         raise _Garbage("logprobs arrays differ in length")
+    if offsets and all(isinstance(o, int) and o < 0 for o in offsets):  # SGLang sends -1 for every offset:
+        offsets = [0, *itertools.accumulate(len(t) for t in tokens[:-1])]  # each token starts where the last ended
     n_gen = (usage or {}).get("completion_tokens")
     n_gen = n_gen if isinstance(n_gen, int) and 0 <= n_gen < len(tokens) else 1
     n_prompt = len(tokens) - n_gen
