@@ -37,6 +37,8 @@ TOOLS = {  # subcommand -> "module:function(argv)"
     "sarm-best-of-n": "modules.sarm.tools:sarm_best_of_n",
     "oracle-sft": "modules.oracle.commands:oracle_sft",
     "vibes-check": "modules.oracle.commands:vibes_check",
+    "export": "modules.models.export:export_command",
+    "push": "modules.models.hub:hub_push_command",
 }
 METHODS = ["modules.steering_rl.SteeringVectorRL", "modules.ppo.PPO", "modules.sarm_ppo.SARMFeaturePPO",
            "modules.oracle_grpo.OracleGRPO"]
