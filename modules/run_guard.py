@@ -185,4 +185,5 @@ def load_run_state(module: OnPolicyModule, checkpoint: dict) -> None:
     if state.get("torch_rng") is not None:
         torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+        # the saving node may have seen more GPUs than this one: restore the ones that exist here
+        torch.cuda.set_rng_state_all(state["cuda_rng"][: torch.cuda.device_count()])
