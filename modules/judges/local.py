@@ -1,9 +1,13 @@
 """An in-process judge: exact per-token log-probs of a given response under a transformers model.
 
-The judge's text is its own chat template over ``[system, user]`` with the assistant header,
-followed by the response, teacher-forced. The response's tokens are those whose character offset
-falls at or after the end of the rendered prefix (so a token that straddles the boundary, which
-chat templates avoid by ending the header with a newline, would count as response).
+The judge's text is a chat template over ``[system, user]`` with the assistant header, followed by
+the response, teacher-forced: the tokenizer's own template, or ``chat_template`` (``plain``, a
+``.jinja`` file or a Jinja string; :mod:`modules.judges.chat_format`), which lets a base model with
+no template of its own (a Gemma-3-270M GGUF) judge. Every request is rendered by the one function
+:func:`~modules.judges.chat_format.render_chat_prefix`, so the shared prefix below is that text's
+too. The response's tokens are those whose character offset falls at or after the end of the
+rendered prefix (a token that straddles the boundary would count as prefix; chat templates, and
+``plain``, avoid one by ending the header with a newline).
 
 With ``model=None`` the judge shares the policy's weights: the training module hands it the
 policy and a context that switches the policy's interventions off (``attach_shared``), so no
@@ -25,7 +29,9 @@ from typing import Callable, ContextManager, Sequence
 import torch
 import torch.nn.functional as F
 
+from modules.errors import UserError
 from modules.judges.base import Judge, Judgement, JudgeRequest
+from modules.judges.chat_format import render_chat_prefix, resolve_chat_template, template_label
 from modules.models.loading import load_causal_lm
 
 
@@ -39,6 +45,9 @@ class LocalJudge(Judge):
         batch_size: Sequences per forward pass.
         cache_size: Judgements kept in the response cache.
         share_prefix: Run the prefix that a group of requests shares once (see the module docstring).
+        chat_template: How the judge's prompt is written: None for the model's own chat template;
+            ``plain`` (``{system}\\n\\nUser: {user}\\nAssistant:\\n``, for a base model), a ``.jinja``
+            file, or a Jinja chat template as a string.
     """
 
     overlaps_generation = False
@@ -46,20 +55,21 @@ class LocalJudge(Judge):
     """A shared prefix shorter than this is not worth a separate pass."""
 
     def __init__(self, model: str | None = None, dtype: str = "auto", batch_size: int = 16, cache_size: int = 50_000,
-                 share_prefix: bool = True):
+                 share_prefix: bool = True, chat_template: str | None = None):
         super().__init__(cache_size)
         if batch_size < 1:
-            from modules.errors import UserError
-
             raise UserError(f"judge batch_size must be at least 1, got {batch_size}")
         self.model_name, self.dtype, self.batch_size = model, dtype, batch_size
         self.share_prefix = share_prefix
+        self.chat_template = chat_template
+        self._template = resolve_chat_template(chat_template)
         self.prefix_tokens_saved = 0
         """Tokens not recomputed thanks to shared prefixes, since creation (a test and tuning aid)."""
         self._model = self._tokenizer = None
         self._context: Callable[[], ContextManager] = nullcontext
         if model is not None:
             self._model, self._tokenizer = load_causal_lm(model, dtype)
+            self._check_template()
 
     def attach_shared(self, model, tokenizer, context: Callable[[], ContextManager]) -> None:
         """Judge with the policy's own model, entering ``context()`` (interventions off) per pass."""
@@ -68,7 +78,8 @@ class LocalJudge(Judge):
 
     @property
     def identity(self) -> str:
-        return f"local:{self.model_name or 'policy'}"
+        template = f":template={template_label(self.chat_template)}" if self.chat_template else ""
+        return f"local:{self.model_name or 'policy'}{template}"
 
     def to(self, device) -> "LocalJudge":
         if self.model_name is not None and self._model is not None:
@@ -78,6 +89,14 @@ class LocalJudge(Judge):
     def preflight(self) -> None:
         if self._model is None:
             raise RuntimeError("LocalJudge(model=None) must be attached to the policy before use")
+        self._check_template()
+
+    def _check_template(self) -> None:
+        """One line naming the option when the judge has no template to write its prompt with."""
+        if self._template is None and not getattr(self._tokenizer, "chat_template", None):
+            whose = f"the judge model '{self.model_name}'" if self.model_name else "the policy model the judge shares"
+            raise UserError(f"{whose} has no chat template (a base model?): set the judge's chat_template to "
+                            "'plain', a .jinja file or a Jinja string")
 
     async def _score_uncached(self, requests: Sequence[JudgeRequest]) -> list[Judgement | None]:
         self.preflight()
@@ -100,8 +119,7 @@ class LocalJudge(Judge):
 
     def _encode(self, request: JudgeRequest) -> tuple[list[int], int]:
         """Token ids of prefix + response, and the index of the first response token."""
-        messages = [{"role": "system", "content": request.system}, {"role": "user", "content": request.prompt}]
-        prefix = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prefix = render_chat_prefix(self._tokenizer, request.system, request.prompt, self._template)
         enc = self._tokenizer(prefix + request.response, add_special_tokens=False, return_offsets_mapping=True)
         first = next((i for i, (s, _) in enumerate(enc["offset_mapping"]) if s >= len(prefix)), len(enc["input_ids"]))
         return enc["input_ids"], first
