@@ -15,13 +15,12 @@ import re
 import time
 from pathlib import Path
 
-import openai
 import pytest
 import yaml
 
-from modules.errors import UserError
 from modules.judges.base import JudgeRequest
 from modules.judges.openai_compat import OpenAICompatibleJudge
+from tests.test_judge_openai import fast_backoff  # noqa: F401  (autouse: retries take milliseconds)
 from tests.openai_server import GENERATED_LOGPROB, GENERATED_TOKEN, FakeOpenAIServer, toy_logprob, toy_pieces
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,12 +109,6 @@ class ShapedServer(FakeOpenAIServer):
             choice.update(matched_stop=None)
             reply.update(metadata={"weight_version": "default"})
         return reply
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch):
-    monkeypatch.setattr(openai._base_client, "INITIAL_RETRY_DELAY", 0.01)
-    monkeypatch.setattr(OpenAICompatibleJudge, "_garbage_backoff_s", 0.01)
 
 
 @pytest.fixture
