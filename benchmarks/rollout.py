@@ -178,6 +178,8 @@ def main() -> None:
                         help="last: ours with a LoRA adapter at each batch (fused groups), and peft's layers at 32")
     parser.add_argument("--lora_only", action="store_true", help="skip every row but the ceiling and the LoRA rows")
     parser.add_argument("--budget_s", type=float, default=420.0, help="skip what would start after this")
+    parser.add_argument("--four_bit", action="store_true",
+                        help="the base's decoder linears in bitsandbytes NF4 (the ceiling stays bf16's)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     began = time.perf_counter()
@@ -199,6 +201,11 @@ def main() -> None:
         result["ceiling_note"] = next((x for x in text.splitlines() if x.startswith("weights")), "")
 
     model, steering = build(args.shape, device)
+    if args.four_bit:
+        from benchmarks.update_cost import quantize_in_place
+
+        quantize_in_place(model)
+        result["four_bit"] = "nf4"
     engine = RolloutEngine(model)
     try:
         result["check"] = check_engine(model, engine, device)
@@ -209,7 +216,7 @@ def main() -> None:
 
     def add(path: str, batch: int, n: int, prefill_ms: float, ms: float, **extra):
         c = ceiling.get(batch)
-        row = {"path": path, "batch": batch, "new_tokens": n, "prefill_ms": round(prefill_ms, 2),
+        row = {"path": f"NF4 base: {path}" if args.four_bit else path, "batch": batch, "new_tokens": n, "prefill_ms": round(prefill_ms, 2),
                "ms_per_step": round(ms, 3), "tokens_per_s": round(batch / ms * 1e3),
                "ceiling_ms": c, "vs_ceiling": round(ms / c, 3) if c else None, **extra}
         result["rows"].append(row)

@@ -10,7 +10,8 @@ samples of one prompt (equal neighbouring rows) share one prompt pass.
 
 What makes a decode step cheap (each measured on an H200, ``benchmarks/RESULTS.md``): the q/k/v and
 gate/up weights of a frozen base are views into one buffer per layer, one GEMM each, and a LoRA
-adapter adds one more GEMM per group of projections (:mod:`modules.engine.fusion`); the GEMMs are
+adapter adds one more GEMM per group of projections (:mod:`modules.engine.fusion`; a 4-bit base is
+de-quantized group by group into one shared buffer, :mod:`modules.engine.quantized`); the GEMMs are
 captured with cuBLASLt, which reads the narrow o_proj and down_proj weights faster than cuBLAS's
 default choice; the new key and value go into one cache
 tensor with one copy; attention is two batched GEMMs around a fused softmax (the query heads that
@@ -44,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from modules.engine.fusion import FusedLinear, fuse
+from modules.engine.quantized import QuantizedGroup, ScratchPool, fuse_quantized
 from modules.engine.kernels import EAGER_OPS, Ops, attention_scores, fused_ops, sample_tokens
 from modules.engine.support import (DecoderParts, Interventions, Unsupported, adapter_state, any_dropout_active,
                                     decoder_parts, find_interventions, sampling_conflicts,
@@ -104,11 +106,11 @@ class _State:
 class LayerProjections(NamedTuple):
     """One decoder layer's fused projection groups (None: the layer's own modules run)."""
 
-    qkv: FusedLinear | None = None
-    gate_up: FusedLinear | None = None
-    out: FusedLinear | None = None
-    """o_proj, fused only with its LoRA adapters (a lone plain linear gains nothing)."""
-    down: FusedLinear | None = None
+    qkv: FusedLinear | QuantizedGroup | None = None
+    gate_up: FusedLinear | QuantizedGroup | None = None
+    out: FusedLinear | QuantizedGroup | None = None
+    """o_proj, fused only with its LoRA adapters or a 4-bit weight (a lone plain linear gains nothing)."""
+    down: FusedLinear | QuantizedGroup | None = None
 
 
 @dataclass
@@ -163,6 +165,7 @@ class RolloutEngine:
         self.use_graphs, self.compile_kernels, self.fuse_projections = use_graphs, compile_kernels, fuse_projections
         self.blas_library = blas_library
         self._projections: list[LayerProjections] = []
+        self._scratch = ScratchPool()  # de-quantized rows of 4-bit groups (modules.engine.quantized)
         self._states: OrderedDict[tuple, _State] = OrderedDict()
         self._fused: Ops | None = None
         self.captures = 0
@@ -205,7 +208,10 @@ class RolloutEngine:
         graphs = self.use_graphs and device.type == "cuda"
         ops = self._ops() if graphs else EAGER_OPS
         state = self._state(parts, batch, prompt_len + max_new_tokens, max_new_tokens, device, dtype, keep_logits)
-        extra = [t for s in plan.steering for t in s.steering_tensors()]
+        extra = [t for s in plan.steering for t in s.steering_tensors()] + [
+            t for layer in plan.projections for group in layer if group is not None
+            for t in (getattr(group, "scratch", None), getattr(group, "a_rows", None), group.b_t, group.bias)
+            if t is not None]  # a re-built group's buffers move: the graph must be captured again
         key = (plan.greedy, plan.use_top_p, tuple((id(s), s.layer, s.hook_point) for s in plan.steering),
                adapter_state(self.model), storage_fingerprint(self.model, extra), tuple(stop_ids), int(pad_id),
                keep_logits, ops.compiled)
@@ -276,7 +282,7 @@ class RolloutEngine:
             fused = []
             for group, modules in zip(groups, wanted):
                 if group is None or group.owners != modules or not group.intact():
-                    group = fuse(*modules)
+                    group = fuse(*modules) or fuse_quantized(modules, self._scratch)
                 elif group.adapters:
                     group.refresh()
                 fused.append(group)

@@ -61,7 +61,10 @@ class Interventions:
 
 
 def _linear_ok(module: nn.Module) -> bool:
-    if type(module) in (nn.Linear, nn.Embedding):
+    """A plain or frozen 4-bit linear, an embedding, or a peft LoRA layer over one of them."""
+    from modules.engine.quantized import is_4bit_linear
+
+    if type(module) in (nn.Linear, nn.Embedding) or is_4bit_linear(module):
         return True
     try:
         from peft.tuners.lora.layer import Embedding as LoraEmbedding
@@ -69,8 +72,13 @@ def _linear_ok(module: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - peft is a dependency
         return False
     if type(module) in (LoraLinear, LoraEmbedding):
-        return type(module.base_layer) in (nn.Linear, nn.Embedding) and not module.lora_variant
-    return False
+        base = module.base_layer
+        return (type(base) in (nn.Linear, nn.Embedding) or is_4bit_linear(base)) and not module.lora_variant
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+    except ImportError:  # pragma: no cover - peft's bitsandbytes layers need bitsandbytes
+        return False
+    return type(module) is LoraLinear4bit and is_4bit_linear(module.base_layer) and not module.lora_variant
 
 
 def decoder_parts(model: nn.Module) -> DecoderParts:
@@ -99,7 +107,7 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
         attn, mlp = layer.self_attn, layer.mlp
         for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
             if not _linear_ok(proj):
-                raise Unsupported(f"a projection of type {type(proj).__name__} (plain or LoRA Linear only)")
+                raise Unsupported(f"a projection of type {type(proj).__name__} (plain, 4-bit or LoRA Linear only)")
         if getattr(attn, "sliding_window", None):
             raise Unsupported("sliding-window attention")
     if not _linear_ok(lm_head) or not _linear_ok(decoder.embed_tokens):
