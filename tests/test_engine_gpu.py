@@ -29,6 +29,16 @@ def _steered(model_dir, dtype):
     return model, tokenizer, vector, steering
 
 
+def _acting_lora(model) -> LoRAPolicy:
+    """A LoRA r=4 policy whose B matrices are not zero (a fresh adapter would change nothing)."""
+    lora = LoRAPolicy(model, r=4, alpha=8)
+    with torch.no_grad():
+        for name, param in lora.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    return lora
+
+
 def test_greedy_graph_steps_equal_hf_generate_in_fp32(tiny_model_dir):
     model, tokenizer, _, steering = _steered(tiny_model_dir, "float32")
     batch = encode_prompts(tokenizer, PROMPTS).to("cuda")
@@ -46,12 +56,8 @@ def test_greedy_graph_steps_equal_hf_generate_in_fp32(tiny_model_dir):
 def test_graphs_read_steering_and_lora_in_place(tiny_model_dir):
     """fp32, so that a stale read (a difference of order 1) cannot hide in bf16 noise."""
     model, tokenizer, vector, steering = _steered(tiny_model_dir, "float32")
-    lora = LoRAPolicy(model, r=4, alpha=8)
+    lora = _acting_lora(model)
     policy = lora.model
-    with torch.no_grad():
-        for name, param in policy.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.3)
     batch = encode_prompts(tokenizer, PROMPTS * 3).to("cuda")
     P = batch.input_ids.shape[1]
     stops = stop_token_ids(policy, tokenizer)
@@ -126,12 +132,8 @@ def test_a_4bit_base_with_lora_runs_in_captured_graphs_that_follow_updates(tiny_
     decode step (no fallback to HF generate), and its logits are as close to a plain forward as HF
     generate's are."""
     model, tokenizer = load_causal_lm(tiny_model_dir, "bfloat16", device="cuda", load_in_4bit=True)
-    lora = LoRAPolicy(model, r=4, alpha=8)
+    lora = _acting_lora(model)
     policy = lora.model
-    with torch.no_grad():
-        for name, param in policy.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.3)
     batch = encode_prompts(tokenizer, PROMPTS * 3).to("cuda")
     stops = stop_token_ids(policy, tokenizer)
     engine = RolloutEngine(policy)
