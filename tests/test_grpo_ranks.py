@@ -102,6 +102,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
         results["dapo_per_step"] = step_gradients(model, rank_steps(data), data, "dapo", _sum_over_ranks,
                                                   per_step_dapo=True)
         torch.save(results, Path(folder) / f"rank{rank}.pt")
+        dist.barrier()  # neither rank tears the group down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
