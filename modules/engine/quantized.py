@@ -145,8 +145,6 @@ def fuse_quantized(modules: tuple[nn.Module, ...], pool: ScratchPool) -> Quantiz
     adapters = _adapters_of(modules)
     ranks = sum(a.rank for a in adapters)
     bias = torch.cat([m.bias.to(dtype) for m in linears]) if linears[0].bias is not None else None
-    # the scratch is shared: grow it to the widest group first, then every group takes the same tensor
-    pool.get(sum(sizes), columns, dtype, device)
     group = QuantizedGroup(linears, sizes, pool.get(sum(sizes), columns, dtype, device), bias, tuple(modules),
                            adapters,
                            torch.zeros(ranks, columns, dtype=dtype, device=device) if adapters else None,
