@@ -31,7 +31,7 @@ import logging
 import math
 import textwrap
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Protocol
 
 import torch
@@ -64,7 +64,7 @@ class Intervenable(Protocol):
 
     def rollout_micro_batch(self, prompts: PromptBatch, seed: int) -> Rollout: ...
     def reference(self): ...
-    def heldout_kl(self, batch: Rollout) -> torch.Tensor: ...
+    def heldout_kl(self, batch: Rollout, reference_batch: Rollout | None = None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -81,6 +81,10 @@ class Intervention:
     """Its scale on that curve (a multiplier of ``alpha·v``)."""
     reference: bool = False
     """The reference policy itself: differences are taken from it and its KL is 0."""
+    system_prompt: str | None = None
+    """An instruction this arm's policy reads as its system prompt (an "instructed" arm); the judges
+    score the reply against the plain prompt, and the KL is taken from the reference reading the
+    plain prompt, so an instruction and a vector are measured alike."""
 
 
 @dataclass
@@ -260,14 +264,20 @@ def compare_interventions(
     jobs = [(s, i) for s in range(samples_per_prompt) for i in starts]
     for job, (sample, start) in enumerate(tqdm(jobs, desc="held-out", disable=not progress, leave=False)):
         chunk, rows = prompts[start : start + batch_size], records[start : start + batch_size]
-        batch = encode_prompts(module.tokenizer, chunk, system_prompt)
-        batch.records = list(rows)
+        batches = {system: encode_prompts(module.tokenizer, chunk, system)
+                   for system in {system_prompt, *(a.system_prompt for a in arms if a.system_prompt is not None)}}
+        for batch in batches.values():
+            batch.records = list(rows)
+        plain = batches[system_prompt]
         run_seed = (seed * 7_919 + job * 104_729) % (2**31 - 1)
         generated = {}
         for arm in arms:
+            instructed = arm.system_prompt is not None
             with arm.enter():
-                rollout = module.rollout_micro_batch(batch, run_seed)
-                kl = None if arm.reference else module.heldout_kl(rollout)
+                rollout = module.rollout_micro_batch(batches[arm.system_prompt if instructed else system_prompt],
+                                                     run_seed)
+                kl = None if arm.reference else module.heldout_kl(
+                    rollout, _after_prompt(rollout, plain) if instructed else None)
             rollout.records = rollout.records or list(rows)
             pending = {}
             for name, reward in rewards.items():  # outside the arm: a judge sees the base model
@@ -314,6 +324,13 @@ def compare_interventions(
         examples=examples, pairing=[list(k) for k in keys[0]], prompts=len(prompts),
         samples_per_prompt=samples_per_prompt,
     ), results
+
+
+def _after_prompt(rollout: Rollout, prompts: PromptBatch) -> Rollout:
+    """The rollout's responses after other prompt tokens (the same rows): what the reference reads
+    when an instructed arm's KL is taken from the uninstructed model."""
+    device = rollout.prompt_ids.device
+    return replace(rollout, prompt_ids=prompts.input_ids.to(device), prompt_mask=prompts.attention_mask.to(device))
 
 
 def _summarise(spec: Intervention, arm: Arm, reference: Arm, reward_names: list[str]) -> dict:

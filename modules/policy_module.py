@@ -68,11 +68,13 @@ class PolicyModule(L.LightningModule):
                                     full_kl if ref_hidden is not None else None, self.logit_chunk_tokens, entropy)
 
     @torch.no_grad()
-    def heldout_kl(self, batch: Rollout) -> torch.Tensor:
-        """[N] exact KL(policy || reference) at each response token (held-out reports)."""
+    def heldout_kl(self, batch: Rollout, reference_batch: Rollout | None = None) -> torch.Tensor:
+        """[N] exact KL(policy || reference) at each response token (held-out reports).
+        ``reference_batch``: the same responses after the prompt the reference reads instead (an
+        instructed arm's KL is taken from the model reading the plain prompt)."""
         mask = batch.response_mask.bool()
         with self.reference():
-            ref_hidden = self.policy_hidden(batch)[mask]
+            ref_hidden = self.policy_hidden(reference_batch if reference_batch is not None else batch)[mask]
         return self.token_stats(self.policy_hidden(batch)[mask], ref_hidden, batch, exact_kl).kl
 
     # -- held-out reports, exports, preflight (defaults a method may override) ----------------

@@ -8,11 +8,13 @@
     python cli.py evaluate --vector RUN/steering_vector.pt \\
         --eval_judge.class_path modules.judges.openai_compat.OpenAICompatibleJudge \\
         --eval_judge.init_args.base_url http://127.0.0.1:8000/v1 --eval_judge.init_args.model my-judge
+    python cli.py evaluate --vector RUN/steering_vector.pt --instructions evaluation training
 
 ``evaluate`` compares interventions on the same held-out prompts and sampling seeds
 (:func:`modules.evaluation.compare_interventions`): the vector off; the trained vector at several
 scales of ``alpha·v``; a CAA vector (``cli.py caa``) at several multipliers; any other saved vector
-files. Each is scored by the training judge and by an evaluation judge (other persona wording by
+files; the unsteered model told in its system prompt to answer as a persona would (``--instructions``:
+what asking buys, the bar a vector is held to). Each is scored by the training judge and by an evaluation judge (other persona wording by
 default, or another judge); it prints a table and replies side by side, and with ``--output_dir``
 writes ``comparison.json``, ``comparison.txt`` and ``frontier.png`` (reward vs KL).
 """
@@ -80,6 +82,24 @@ def _named_files(items: list[str]) -> list[tuple[str, str]]:
     return named
 
 
+def instructions(module, items: list[str]) -> list[tuple[str, str]]:
+    """``evaluation`` -> the evaluation judge's sycophant persona, ``training`` -> each training
+    persona, ``NAME=TEXT`` -> itself: the (name, system prompt) of each instructed arm."""
+    training = module.reward.personas[: module.reward.num_pairs]
+    named = []
+    for item in items:
+        if item == "evaluation":
+            named.append(("evaluation persona", module.eval_reward.personas[0]))
+        elif item == "training":
+            named += [(f"training persona {i + 1}", text) for i, text in enumerate(training)]
+        elif "=" in item and item.split("=", 1)[0].strip() and item.split("=", 1)[1].strip():
+            name, text = item.split("=", 1)
+            named.append((name.strip(), text.strip()))
+        else:
+            raise UserError(f"--instructions item {item!r}: give `evaluation`, `training` or NAME=TEXT")
+    return named
+
+
 def vector_arm(module, name: str, payload: dict, scale: float, method: str):
     """An arm of the comparison: ``module``'s policy steered by the file's ``alpha·v`` times ``scale``."""
     from modules.evaluation import Intervention
@@ -109,6 +129,10 @@ def evaluate(argv: list[str]) -> None:
     parser.add_argument("--files", type=list[str], default=[],
                         help="Other saved vector files, as PATH or NAME=PATH, each a curve of --file_scales.")
     parser.add_argument("--file_scales", type=list[float], default=[1.0], help="Multiples of each --files vector.")
+    parser.add_argument("--instructions", type=list[str], default=[],
+                        help="Instructed arms: the vector off, the policy told how to answer by a system prompt: "
+                             "`evaluation` (the evaluation judge's sycophant persona), `training` (each training "
+                             "persona) or NAME=TEXT. The judges read the plain prompt.")
     parser.add_argument("--show_examples", type=int, default=3, help="Prompts whose replies are shown side by side.")
     parser.add_argument("--judge", type=Judge | None, default=None,
                         help="Training judge (default: the base model itself as a local judge).")
@@ -193,6 +217,8 @@ def _arms(module, args, payloads: dict, files: list[tuple[str, str]]) -> list:
         arms += [vector_arm(module, f"CAA ×{m:g}", payloads["caa"], m, "CAA") for m in args.caa_multipliers]
     for name, _ in files:
         arms += [vector_arm(module, f"{name} ×{s:g}", payloads[f"file:{name}"], s, name) for s in args.file_scales]
+    arms += [Intervention(f"told: {name}", module.reference, f"told: {name}", system_prompt=text)
+             for name, text in instructions(module, args.instructions)]
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise UserError(f"two arms have the same name ({names}): name the files with NAME=PATH")

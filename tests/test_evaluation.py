@@ -54,6 +54,39 @@ def test_every_arm_answers_the_same_prompts_with_the_same_seeds(tiny_llama_dir):
     assert not any(p.requires_grad for p in module.policy.parameters()) and module.steering.enabled
 
 
+class PromptRecordingJudge(LengthJudge):
+    """A LengthJudge that keeps the user prompt of every request it scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompts: list[str] = []
+
+    async def _score_uncached(self, requests):
+        self.prompts += [r.prompt for r in requests]
+        return await super()._score_uncached(requests)
+
+
+def test_an_instructed_arm_reads_its_system_prompt_and_is_judged_and_measured_on_the_plain_prompt(tiny_llama_dir):
+    judge = PromptRecordingJudge()
+    module = tiny_module(tiny_llama_dir, judge=judge, max_new_tokens=6)
+    arms = [Intervention("off", module.reference, reference=True),
+            Intervention("told the same", module.reference, system_prompt="Answer briefly."),
+            Intervention("told", module.reference, "told", system_prompt="You are a pirate. Answer like one."),
+            Intervention("steered", lambda: module.using_vector(_random_vector(module, 0), 1.0))]
+    comparison, results = compare_interventions(module, PROMPTS, arms, samples_per_prompt=2, seed=3, batch_size=3,
+                                                system_prompt="Answer briefly.", progress=False)
+    keys = [results[a.name].keys for a in arms]
+    assert all(k == keys[0] for k in keys) and len(keys[0]) == 2 * len(PROMPTS)  # same prompts and seeds
+    # an instruction equal to the comparison's own system prompt is the reference itself: same replies, KL 0
+    assert results["told the same"].replies == results["off"].replies
+    assert comparison.arm("told the same")["kl_per_token"] == pytest.approx(0.0, abs=1e-6)
+    # another instruction changes the replies, and its KL is taken from the model reading the plain prompt
+    assert results["told"].replies != results["off"].replies
+    assert comparison.arm("told")["kl_per_token"] > 1e-3
+    # the judge reads the user's prompt only, never the instruction
+    assert set(judge.prompts) == set(PROMPTS)
+
+
 def test_using_vector_leaves_the_own_vector_and_the_judge_unsteered(tiny_llama_dir):
     module = tiny_module(tiny_llama_dir, judge=LocalJudge(), reward_mode="loglik", max_new_tokens=4)
     own = module.steering
@@ -130,10 +163,12 @@ def test_cli_evaluate_compares_scales_caa_and_files(tiny_llama_dir, tmp_path):
     printed = cli("evaluate", "--vector", paths["trained"], "--scales", "[0, 1]", "--caa", paths["caa"],
                   "--caa_multipliers", "[1, 2]", "--files", f"[mine={paths['other']}]", "--prompts_file",
                   __import__("tests.helpers", fromlist=["prompt_file"]).prompt_file(tmp_path / "p"),
-                  "--judge.class_path", "tests.helpers.LengthJudge", "--output_dir", out, "--batch_size", "3")
+                  "--judge.class_path", "tests.helpers.LengthJudge", "--output_dir", out, "--batch_size", "3",
+                  "--instructions", "[evaluation, pirate=Talk like a pirate.]")
     data = json.loads((out / "comparison.json").read_text())
     names = [a["name"] for a in data["arms"]]
-    assert names == ["vector off", "trained ×0", "trained ×1", "CAA ×1", "CAA ×2", "mine ×1"]
+    assert names == ["vector off", "trained ×0", "trained ×1", "CAA ×1", "CAA ×2", "mine ×1",
+                     "told: evaluation persona", "told: pirate"]
     assert set(data["rewards"]) == {"training", "evaluation"} and data["samples_per_arm"] == len(PROMPTS)
     assert data["arms"][1]["kl_per_token"] == pytest.approx(0.0, abs=1e-6)
     assert all(a["kl_per_token"] > 0 for a in data["arms"][2:])
@@ -142,3 +177,5 @@ def test_cli_evaluate_compares_scales_caa_and_files(tiny_llama_dir, tmp_path):
     assert "CAA ×2" in printed.stdout and "example 1" in printed.stdout
     none = cli("evaluate", check=False)
     assert none.returncode == 2 and "--vector" in none.stderr
+    unknown = cli("evaluate", "--vector", paths["trained"], "--instructions", "[be nice]", check=False)
+    assert unknown.returncode == 2 and "NAME=TEXT" in unknown.stderr
