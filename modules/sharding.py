@@ -23,8 +23,8 @@ Generation, the judge and the exports need whole weights: :func:`gathered` gathe
 module once (not layer by layer at every decoded token), keeps it whole for the context, and frees
 the copies after. The loop wraps collect + score, held-out reports and exports in it: no collective
 runs while a rank samples (ranks stop sampling at different steps), but the whole policy must fit
-on one GPU while it samples, and the rollout engine steps aside for FSDP's hooks (HF ``generate``
-samples). The loss pass runs sharded, gathering layer by layer.
+on one GPU while it samples; the rollout engine runs on the gathered weights, its layers unfused
+(:mod:`modules.engine.support`). The loss pass runs sharded, gathering layer by layer.
 
 Checkpoints are one file with the trainable state gathered whole (``checkpointed_keys``), which any
 strategy resumes from; :meth:`FSDP2Strategy.load_checkpoint` reads those of DDP and one device too.

@@ -3,7 +3,6 @@
 
 import json
 import logging
-from contextlib import nullcontext
 
 import pytest
 import torch

@@ -48,7 +48,7 @@ from modules.engine.fusion import FusedLinear, fuse
 from modules.engine.quantized import QuantizedGroup, ScratchPool, fuse_quantized
 from modules.engine.kernels import EAGER_OPS, Ops, attention_scores, fused_ops, sample_tokens
 from modules.engine.support import (DecoderParts, Interventions, Unsupported, adapter_state, any_dropout_active,
-                                    decoder_parts, find_interventions, sampling_conflicts,
+                                    decoder_parts, find_interventions, fsdp_managed, sampling_conflicts,
                                     storage_fingerprint)
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,9 @@ class RolloutEngine:
     def _fused_projections(self, parts: DecoderParts) -> list[LayerProjections]:
         """Each layer's fused groups, fused now where they were not or no longer are, their adapters'
         current values copied in (:meth:`FusedLinear.refresh`)."""
-        if not self.fuse_projections:
+        if not self.fuse_projections or fsdp_managed(self.model):
+            # FSDP2 owns its gathered weights' storage (it frees and refills it around each gather):
+            # laying them out anew would detach them from it, so its layers run one by one
             return [LayerProjections()] * len(parts.layers)
         known = self._projections if len(self._projections) == len(parts.layers) else \
             [LayerProjections()] * len(parts.layers)

@@ -9,7 +9,10 @@ it must know everything that can change a forward pass:
   :mod:`modules.models.interventions`: a :class:`SteeringIntervention` such as ``Steering``, an
   :class:`InjectionIntervention` such as ``ActivationInjection``) are run by the engine's step through
   their own methods; any other hook means the engine cannot promise the same logits, so the rollout
-  falls back to HF ``generate``.
+  falls back to HF ``generate``;
+- FSDP2 (``fully_shard``): its own hooks only move weights, so the engine runs a sharded model
+  while its weights are gathered whole (``modules.sharding.gathered``, which the loop wraps every
+  rollout in) and refuses while they are shards.
 
 Anything else raises :class:`Unsupported` with one line that says why.
 """
@@ -120,6 +123,32 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
                         num_kv_heads, head_dim, qk_norm, act == "silu")
 
 
+def fsdp_managed(model: nn.Module) -> bool:
+    """Whether any part of ``model`` is sharded by FSDP2 (``fully_shard``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without torch.distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _fsdp_hook(module: nn.Module, hook) -> bool:
+    """One of FSDP2's own forward hooks (they gather and free the module's weights, nothing else)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, FSDPModule) and type(getattr(hook, "__self__", None)).__name__ == "FSDPState"
+
+
+def _sharded(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
 def _hooks(module: nn.Module):
     for name in ("_forward_hooks", "_forward_pre_hooks"):
         yield from getattr(module, name, {}).values()
@@ -143,6 +172,10 @@ def find_interventions(model: nn.Module) -> Interventions:
             elif isinstance(owner, InjectionIntervention):
                 if owner not in found.injection:
                     found.injection.append(owner)
+            elif _fsdp_hook(module, hook):
+                if _sharded(module):
+                    raise Unsupported(f"'{name or 'model'}' holds FSDP2 shards (the loop gathers them whole "
+                                      "around rollouts: modules.sharding.gathered)")
             elif getattr(hook, "__name__", "") not in HARMLESS_HOOKS:
                 raise Unsupported(f"an unknown forward hook {getattr(hook, '__qualname__', hook)!r} on '{name or 'model'}'")
     for steering in found.steering:
