@@ -177,6 +177,9 @@ def main() -> None:
     parser.add_argument("--lora_row", action="store_true",
                         help="last: ours with a LoRA adapter at each batch (fused groups), and peft's layers at 32")
     parser.add_argument("--lora_only", action="store_true", help="skip every row but the ceiling and the LoRA rows")
+    parser.add_argument("--group_prefill", type=int, nargs=2, default=None, metavar=("G", "PROMPT_LEN"),
+                        help="also time the prompt pass of 64 rows as 64/G prompts x G samples of PROMPT_LEN "
+                             "tokens, shared per prompt and run row by row")
     parser.add_argument("--budget_s", type=float, default=420.0, help="skip what would start after this")
     parser.add_argument("--four_bit", action="store_true",
                         help="the base's decoder linears in bitsandbytes NF4 (the ceiling stays bf16's)")
@@ -278,6 +281,24 @@ def main() -> None:
                 add(label, 32, n, *step_ms(lambda k: variant.generate(ids, mask, k, [EOS], 0), n, args.repeats))
             except Exception as err:  # noqa: BLE001
                 print(f"{label} failed: {type(err).__name__}: {err}", flush=True)
+            variant.release()
+            del variant
+
+    if args.group_prefill and left() > 30:  # GRPO: the G samples of one prompt share its prompt pass
+        group, length = args.group_prefill
+        g = torch.Generator().manual_seed(group)
+        ids = torch.randint(2, model.config.vocab_size, (64 // group, length), generator=g)
+        ids = ids.repeat_interleave(group, 0).to(device)
+        mask = torch.ones_like(ids)
+        for shared in (True, False):
+            variant = RolloutEngine(model, share_prompt_pass=shared)
+            try:
+                timed(lambda: variant.generate(ids, mask, 2, [EOS], 0), 1)
+                ms = timed(lambda: variant.generate(ids, mask, 1, [EOS], 0), max(args.repeats, 3)) * 1e3
+                add(f"prompt pass + first token, {64 // group} prompts x {group} samples of {length} tokens, "
+                    + ("shared per prompt" if shared else "row by row"), ids.shape[0], 1, ms, ms)
+            except Exception as err:  # noqa: BLE001
+                print(f"group prefill (shared={shared}) failed: {type(err).__name__}: {err}", flush=True)
             variant.release()
             del variant
 

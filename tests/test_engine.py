@@ -434,6 +434,12 @@ def test_the_samples_of_one_prompt_share_one_prompt_pass(tiny_model_dir, greedy,
         assert torch.equal(out.tokens[0], out.tokens[1]) and torch.equal(out.tokens[3], out.tokens[4])
     else:  # each row still draws its own tokens
         assert not torch.equal(out.tokens[0], out.tokens[1])
+    with steering.prompt_length(batch.input_ids.shape[1]):  # switched off: a pass over every row, same tokens
+        unshared = RolloutEngine(model, share_prompt_pass=False).generate(
+            **generate_args(model, tokenizer, batch, 10, seed=3, greedy=greedy, keep_logits=True))
+        assert len(passes) == 1  # no run of rows looked for
+    assert torch.equal(unshared.tokens, out.tokens)
+    torch.testing.assert_close(unshared.logits[mask], out.logits[mask], **TOL)
 
 
 def test_rows_with_equal_prompts_but_other_injections_do_not_share_a_prompt_pass(tiny_llama_dir, monkeypatch):

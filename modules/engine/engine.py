@@ -157,13 +157,16 @@ class RolloutEngine:
         blas_library: The BLAS library torch prefers while the decode step is captured (its GEMMs
             are the ones the graph replays), restored after; None leaves torch's choice. cuBLASLt
             reads the narrow o_proj and down_proj weights of a decode step faster on H100/H200.
+        share_prompt_pass: Run the prompt pass once for each run of equal rows (the G samples of a
+            GRPO group) and copy its keys and values to the run's other rows.
     """
 
     def __init__(self, model: torch.nn.Module, use_graphs: bool = True, compile_kernels: bool = True,
-                 fuse_projections: bool = True, blas_library: str | None = "cublaslt"):
+                 fuse_projections: bool = True, blas_library: str | None = "cublaslt",
+                 share_prompt_pass: bool = True):
         self._model = weakref.ref(model)  # the engine lives beside the model, never keeps it alive
         self.use_graphs, self.compile_kernels, self.fuse_projections = use_graphs, compile_kernels, fuse_projections
-        self.blas_library = blas_library
+        self.blas_library, self.share_prompt_pass = blas_library, share_prompt_pass
         self._projections: list[LayerProjections] = []
         self._scratch = ScratchPool()  # de-quantized rows of 4-bit groups (modules.engine.quantized)
         self._states: OrderedDict[tuple, _State] = OrderedDict()
@@ -488,7 +491,7 @@ class RolloutEngine:
         it runs over the first row of each run and its keys, values and last logits are copied to the
         other rows, which then sample their own tokens."""
         full_mask = mask
-        rows, source = shared_prompt_rows(ids, mask, plan.injection)
+        rows, source = shared_prompt_rows(ids, mask, plan.injection) if self.share_prompt_pass else (None, None)
         if rows is not None:
             ids, mask = ids[rows], mask[rows]
         batch, length = ids.shape
