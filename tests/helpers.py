@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 
 import lightning as L
 
@@ -34,6 +35,25 @@ class LengthJudge(Judge):
             else:
                 out.append(Judgement(math.nan if self.nan else float(len(r.response)), max(len(r.response), 1)))
         return out
+
+
+class PromptRecordingJudge(LengthJudge):
+    """A LengthJudge that keeps the user prompt of every request it scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompts: list[str] = []
+
+    async def _score_uncached(self, requests):
+        self.prompts += [r.prompt for r in requests]
+        return await super()._score_uncached(requests)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def prompt_file(tmp_path) -> str:

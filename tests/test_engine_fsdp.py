@@ -5,7 +5,6 @@ rollout equals the unsharded model's)."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from modules.models.adapters import LoRAPolicy
 from modules.models.loading import load_causal_lm
 from modules.models.steering import Steering, SteeringVector
 from tests.engine_helpers import PROMPTS, generate_args, plain_logits
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
 RANKS, NEW_TOKENS, SEED = 2, 8, 3
@@ -111,12 +111,6 @@ def _worker(rank: int, port: int, model_dir: str, folder: str, ranks: int, devic
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def check_sharded_engine(model_dir: str, folder: Path, ranks: int, device: str, atol: float) -> list[dict]:
     policy = Policy(model_dir, device)
     tokens, engine_logits, forward_logits = policy.sample()
@@ -130,7 +124,7 @@ def check_sharded_engine(model_dir: str, folder: Path, ranks: int, device: str, 
                                     generate_args(policy.model, policy.tokenizer, batch)["stop_ids"])
     updated_forward_logits = logits[mask]  # the first rollout's tokens, read by the updated policy
     assert (updated_forward_logits - forward_logits).abs().max() > 1e-2  # the update acted
-    mp.start_processes(_worker, args=(_free_port(), model_dir, str(folder), ranks, device), nprocs=ranks, join=True,
+    mp.start_processes(_worker, args=(free_port(), model_dir, str(folder), ranks, device), nprocs=ranks, join=True,
                        start_method="spawn")
     results = []
     for rank in range(ranks):

@@ -13,7 +13,7 @@ from modules.judges.local import LocalJudge
 from modules.judges.rewards import CANDID_PERSONA, FLATTERING_PERSONA, HONEST_PERSONA, SYCOPHANT_PERSONA
 from modules.models.steering import SteeringVector
 from modules.models.steering_io import save_steering_vector
-from tests.helpers import PROMPTS, LengthJudge, tiny_module
+from tests.helpers import PROMPTS, LengthJudge, PromptRecordingJudge, tiny_module
 from tests.test_cli_and_checkpoints import cli
 
 
@@ -51,18 +51,6 @@ def test_every_arm_answers_the_same_prompts_with_the_same_seeds(tiny_llama_dir):
     assert set(comparison.examples[0]["replies"]) == {a.name for a in arms}
     assert "steered ×0" in comparison.format()
     assert not any(p.requires_grad for p in module.policy.parameters()) and module.steering.enabled
-
-
-class PromptRecordingJudge(LengthJudge):
-    """A LengthJudge that keeps the user prompt of every request it scores."""
-
-    def __init__(self):
-        super().__init__()
-        self.prompts: list[str] = []
-
-    async def _score_uncached(self, requests):
-        self.prompts += [r.prompt for r in requests]
-        return await super()._score_uncached(requests)
 
 
 def test_an_instructed_arm_reads_its_system_prompt_and_is_judged_and_measured_on_the_plain_prompt(tiny_llama_dir):

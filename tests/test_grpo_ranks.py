@@ -5,7 +5,6 @@ does; the old per-rank, per-step ``dapo`` normaliser does not give it."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from modules.rl import grpo
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
 
@@ -107,16 +107,10 @@ def _worker(rank: int, port: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict[str, list[torch.Tensor]]:
     folder = tmp_path_factory.mktemp("ranks")
-    mp.start_processes(_worker, args=(_free_port(), str(folder)), nprocs=RANKS, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(folder)), nprocs=RANKS, join=True, start_method="spawn")
     results = [torch.load(folder / f"rank{r}.pt") for r in range(RANKS)]
     for name in results[0]:  # DDP leaves the same averaged gradient on every rank
         for a, b in zip(results[0][name], results[1][name]):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import socket
 import time
 
 import openai
@@ -15,6 +14,7 @@ from modules.judges.base import JudgeRequest
 from modules.judges.chat_format import render_judge_prefix
 from modules.judges.openai_compat import RATING_INSTRUCTIONS, OpenAICompatibleJudge
 from tests.openai_server import FakeOpenAIServer, shifted_scorer, toy_scorer
+from tests.helpers import free_port
 
 # Pieces "Hello " "friend, " "nice " "day." score -0.5 per character under the toy scorer.
 REQ = JudgeRequest(system="Be kind.", prompt="Hi there", response="Hello friend, nice day.")
@@ -47,12 +47,6 @@ def make_judge():
     yield make
     for judge in made:
         judge.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- chat_format ---------------------------------------------------------------------------------

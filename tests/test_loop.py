@@ -10,7 +10,7 @@ import torch
 from datamodules.prompts import PromptSchedule, StartAt, encode_prompts, read_prompts
 from modules.errors import UserError
 from modules.run_guard import TrainingStopped
-from tests.helpers import LengthJudge, fit, loss_of, prompt_file, tiny_module
+from tests.helpers import LengthJudge, PromptRecordingJudge, fit, loss_of, prompt_file, tiny_module
 
 
 class Recorder(L.Callback):
@@ -304,16 +304,6 @@ def test_scattered_judge_outages_do_not_stop_the_run_and_log_nothing_that_did_no
         for name in ("loss/policy", "grad_norm", "time/update_s", "kl/token"):
             assert math.isfinite(logged[name]) == stepped, (update, name, logged[name])
         assert logged["updates_without_signal"] == (0, 1, 1, 2, 2)[update - 1]
-
-
-class PromptRecordingJudge(LengthJudge):
-    def __init__(self):
-        super().__init__()
-        self.prompts: list[str] = []
-
-    async def _score_uncached(self, requests):
-        self.prompts += [r.prompt for r in requests]
-        return await super()._score_uncached(requests)
 
 
 def test_a_prompt_too_long_for_the_policy_is_cut_the_same_way_for_the_judge(tiny_llama_dir, tmp_path, caplog,

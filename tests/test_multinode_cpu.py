@@ -18,7 +18,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 import yaml
 
 from tests.forked_cli import run_cli
-from tests.helpers import prompt_file
+from tests.helpers import free_port, prompt_file
 from tests.test_oracle_grpo import TRAIN, oracle_config, start_adapter  # noqa: F401  (fixture)
 from tests.test_sarm_ppo import sarm_config, sarm_files  # noqa: F401  (fixture)
 
@@ -129,12 +128,6 @@ def write_config(folder: Path, base: dict, name: str = "config.yaml", extra_call
 
 
 # -- launching ----------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def clean_environment(**extra: str) -> dict[str, str]:
     """This process's environment without any launcher's variables, plus ``extra``."""
