@@ -61,3 +61,19 @@ def tiny_qwen_dir(tokenizer_dir, tmp_path_factory):
 @pytest.fixture(params=["llama", "qwen"])
 def tiny_model_dir(request, tiny_llama_dir, tiny_qwen_dir):
     return {"llama": tiny_llama_dir, "qwen": tiny_qwen_dir}[request.param]
+
+
+@pytest.fixture(scope="session")
+def learning_runs(request, tmp_path_factory):
+    """The learning tests' runs (``@pytest.mark.learning_run(TARGET, minutes=M)``) in background
+    processes, several at once, longest first (:mod:`tests.background`)."""
+    from tests.background import MARKER, BackgroundRuns
+
+    marks = {}
+    for item in request.session.items:
+        for marker in item.iter_markers(MARKER):
+            marks.setdefault(marker.args[0], marker.kwargs.get("minutes", 1.0))
+    runs = BackgroundRuns(sorted(marks, key=marks.get, reverse=True), tmp_path_factory.mktemp("learning_runs"))
+    yield runs
+    runs.stop()
+

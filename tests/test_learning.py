@@ -19,6 +19,7 @@ from callbacks.judge_batching import JudgeBatching
 from datamodules.prompts import PromptDataModule
 from modules.evaluation import evaluate_intervention
 from modules.steering_rl import SteeringVectorRL
+from tests.background import report_of
 
 pytestmark = [
     pytest.mark.slow,
@@ -32,17 +33,24 @@ HELDOUT_PROMPTS = 48
 MAX_KL_PER_TOKEN = 0.5  # this setup measured 0.26 (4.5 SE); lr 0.04 / kl 0.2 drifted to 0.56 with odd replies
 
 
-def test_a_short_run_moves_heldout_prompts(tmp_path, capsys):
+def run(folder) -> dict:
+    """Train, then answer the held-out prompts with the vector off and on (in a background process)."""
     L.seed_everything(0)
     module = SteeringVectorRL(**TRAINING)
     data = PromptDataModule(prompts_per_update=TRAINING["batch_size"])
-    trainer = L.Trainer(max_steps=TRAINING["total_updates"], default_root_dir=str(tmp_path), logger=False,
+    trainer = L.Trainer(max_steps=TRAINING["total_updates"], default_root_dir=str(folder), logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
                         callbacks=[JudgeBatching()])
     trainer.fit(module, datamodule=data)
     report = evaluate_intervention(module, data.heldout_prompts[:HELDOUT_PROMPTS], samples_per_prompt=1, seed=777,
                                    batch_size=48, show_examples=3, progress=False)
+    return {"report": report.as_dict()}
+
+
+@pytest.mark.learning_run("tests.test_learning:run", minutes=4.7)
+def test_a_short_run_moves_heldout_prompts(learning_runs, capsys):
+    report = report_of(learning_runs.result("tests.test_learning:run")["report"])
     with capsys.disabled():
         print("\n" + report.format())
     assert report.samples_per_arm >= 48

@@ -15,6 +15,7 @@ import pytest
 from datamodules.prompts import PromptDataModule
 from modules.evaluation import evaluate_intervention
 from modules.oracle_grpo import OracleGRPO
+from tests.background import report_of
 from tests.helpers import train
 
 pytestmark = [
@@ -28,14 +29,22 @@ DATA = dict(train_file="datamodules/data/oracle_train.jsonl", heldout_file="data
             jsonl_field="question")
 
 
-def test_grpo_calibrates_the_oracle(tmp_path, capsys):
+def run(folder) -> dict:
+    """Train, then answer the held-out questions with the starting and the trained adapter (in a
+    background process)."""
     L.seed_everything(0)
     module = OracleGRPO(**TRAINING)
     data = PromptDataModule(prompts_per_update=module.prompts_per_update, **DATA)
-    train(module, data, tmp_path)
+    train(module, data, folder)
     rows = data.heldout_records
     report = evaluate_intervention(module, [r["prompt"] for r in rows], samples_per_prompt=2, seed=777, batch_size=24,
                                    show_examples=2, progress=False, records=rows)
+    return {"report": report.as_dict()}
+
+
+@pytest.mark.learning_run("tests.test_learning_oracle:run", minutes=4.4)
+def test_grpo_calibrates_the_oracle(learning_runs, capsys):
+    report = report_of(learning_runs.result("tests.test_learning_oracle:run")["report"])
     with capsys.disabled():
         print("\n" + report.format())
     summary = report.method_summary

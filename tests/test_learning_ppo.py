@@ -19,6 +19,7 @@ from callbacks.judge_batching import JudgeBatching
 from datamodules.prompts import PromptDataModule
 from modules.evaluation import evaluate_intervention
 from modules.ppo import PPO
+from tests.background import report_of
 from tests.helpers import train
 
 pytestmark = [
@@ -33,13 +34,20 @@ HELDOUT_PROMPTS = 48
 MAX_KL_PER_TOKEN = 0.6  # this setup measured 0.22 per token (96 samples per arm, 2026-11-27)
 
 
-def test_ppo_makes_heldout_replies_less_sycophantic(tmp_path, capsys):
+def run(folder) -> dict:
+    """Train, then answer the held-out prompts with the adapter off and on (in a background process)."""
     L.seed_everything(0)
     module = PPO(**TRAINING)
     data = PromptDataModule(prompts_per_update=module.prompts_per_update)
-    train(module, data, tmp_path, [JudgeBatching()])
+    train(module, data, folder, [JudgeBatching()])
     report = evaluate_intervention(module, data.heldout_prompts[:HELDOUT_PROMPTS], samples_per_prompt=2, seed=777,
                                    batch_size=48, show_examples=3, progress=False)
+    return {"report": report.as_dict()}
+
+
+@pytest.mark.learning_run("tests.test_learning_ppo:run", minutes=6.5)
+def test_ppo_makes_heldout_replies_less_sycophantic(learning_runs, capsys):
+    report = report_of(learning_runs.result("tests.test_learning_ppo:run")["report"])
     with capsys.disabled():
         print("\n" + report.format())
     assert report.samples_per_arm >= 96

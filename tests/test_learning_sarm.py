@@ -22,6 +22,7 @@ from datamodules.prompts import PromptDataModule
 from modules.evaluation import Intervention, compare_interventions, evaluate_intervention
 from modules.sarm.reward import SARMReward
 from modules.sarm_ppo import SARMFeaturePPO
+from tests.background import report_of
 from tests.helpers import train
 
 pytestmark = [
@@ -45,23 +46,37 @@ def trained(alpha: float, tmp_path) -> tuple[SARMFeaturePPO, list[str]]:
     return module, data.heldout_prompts[:HELDOUT_PROMPTS]
 
 
-def test_sarm_reward_rises_and_a_penalised_feature_falls(tmp_path, capsys):
-    module, prompts = trained(0.0, tmp_path / "watched")
-    held_out = dict(samples_per_prompt=1, seed=12345, batch_size=48, show_examples=2, progress=False)
-    watched = evaluate_intervention(module, prompts, **held_out)
-    # the penalised run's adapter-off arm would be the watched run's (same base, prompts and seeds):
-    # only its adapter-on arm is answered, under the same pairing
-    module, _ = trained(1.0, tmp_path / "penalised")
+HELD_OUT = dict(samples_per_prompt=1, seed=12345, batch_size=48, show_examples=2, progress=False)
+RATE = f"active/{FEATURE}"
+
+
+def run_watched(folder) -> dict:
+    """Run A (alpha 0: the reward is R_SARM itself), adapter off and on (in a background process)."""
+    module, prompts = trained(0.0, folder)
+    return {"report": evaluate_intervention(module, prompts, **HELD_OUT).as_dict()}
+
+
+def run_penalised(folder) -> dict:
+    """Run B (alpha 1 above tau), adapter on only: its adapter-off arm would repeat run A's (same
+    base, prompts and seeds), so only its adapter-on arm is answered, under the same pairing."""
+    module, prompts = trained(1.0, folder)
     comparison, arms = compare_interventions(module, prompts, [Intervention("adapter on", nullcontext, reference=True)],
-                                             **held_out)
-    penalised = module.heldout_summary(arms["adapter on"].features)
-    rate = f"active/{FEATURE}"
+                                             **HELD_OUT)
+    return {"pairing": comparison.pairing, "rate": module.heldout_summary(arms["adapter on"].features)[RATE],
+            "reward": comparison.arm("adapter on")["rewards"]["training"]["mean"]}
+
+
+@pytest.mark.learning_run("tests.test_learning_sarm:run_watched", minutes=3.5)
+@pytest.mark.learning_run("tests.test_learning_sarm:run_penalised", minutes=3.2)
+def test_sarm_reward_rises_and_a_penalised_feature_falls(learning_runs, capsys):
+    watched = report_of(learning_runs.result("tests.test_learning_sarm:run_watched")["report"])
+    penalised = learning_runs.result("tests.test_learning_sarm:run_penalised")
     with capsys.disabled():
-        print("\nwatched (alpha 0):\n" + watched.format() + f"\n\npenalised (alpha 1), adapter on: {rate} "
-              f"{penalised[rate]:.3f}, R_SARM {comparison.arm('adapter on')['rewards']['training']['mean']:+.3f}")
-    assert watched.samples_per_arm >= 48 and comparison.pairing == watched.comparison["pairing"]
+        print("\nwatched (alpha 0):\n" + watched.format() + f"\n\npenalised (alpha 1), adapter on: {RATE} "
+              f"{penalised['rate']:.3f}, R_SARM {penalised['reward']:+.3f}")
+    assert watched.samples_per_arm >= 48 and penalised["pairing"] == watched.comparison["pairing"]
     # alpha 0: the reward is R_SARM itself
     assert watched.difference > 3 * watched.difference_se, watched.format()
-    assert penalised[rate] < watched.method_summary["on"][rate], (
-        f"feature {FEATURE} held-out activation rate: penalised {penalised[rate]:.3f}, "
-        f"watched {watched.method_summary['on'][rate]:.3f}")
+    assert penalised["rate"] < watched.method_summary["on"][RATE], (
+        f"feature {FEATURE} held-out activation rate: penalised {penalised['rate']:.3f}, "
+        f"watched {watched.method_summary['on'][RATE]:.3f}")
