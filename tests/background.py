@@ -3,11 +3,10 @@
 A learning test trains a real model for minutes, and one run keeps two CPU cores only about 70 %
 busy (small GEMMs, Python between them). So each learning test names a function that trains and
 evaluates (``@pytest.mark.learning_run("tests.test_learning_ppo:run")``) and asserts on what it
-returns. When collection ends (``tests/conftest.py``), every selected one is started as ``python -m
-tests.background TARGET OUT``: as many at a time as there are cores, up to the number of runs, each
-with ``cores // at a time`` threads (on 2 cores: two runs of one thread), longest first; they train
-while the other tests run, and the learning tests, collected last, wait for their own runs (the
-``learning_runs`` fixture). A run that fails fails its test with the end of its log.
+returns. When the first of them asks (the ``learning_runs`` fixture), every selected one is started as
+``python -m tests.background TARGET OUT``: as many at a time as there are cores, up to the number of
+runs, each with ``cores // at a time`` threads (on 2 cores: two runs of one thread), longest first.
+A test then waits for its own run. A run that fails fails its test with the end of its log.
 
 ``RLI_LEARNING_PARALLEL=1`` runs them one at a time with every core.
 """
@@ -66,10 +65,6 @@ class BackgroundRuns:
             self.running[target] = subprocess.Popen(
                 [sys.executable, "-m", "tests.background", target, str(out), str(work), str(self.threads)],
                 cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
-
-    def start(self) -> None:
-        """Start as many runs as may run at once (the rest start as slots free up)."""
-        self._fill()
 
     def _fill(self) -> None:
         while self.pending and len(self.running) < self.parallel:

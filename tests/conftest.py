@@ -63,48 +63,17 @@ def tiny_model_dir(request, tiny_llama_dir, tiny_qwen_dir):
     return {"llama": tiny_llama_dir, "qwen": tiny_qwen_dir}[request.param]
 
 
-def pytest_collection_modifyitems(session, config, items):
-    """The learning tests go last: their runs start when collection ends (``pytest_collection_finish``)
-    and train in the background while every other test runs."""
-    from tests.background import MARKER
-
-    items.sort(key=lambda item: item.get_closest_marker(MARKER) is not None)  # stable: order kept otherwise
-
-
-def pytest_collection_finish(session):
-    """Start the selected learning tests' runs (``@pytest.mark.learning_run(TARGET, minutes=M)``) in
-    background processes, several at once, longest first (:mod:`tests.background`)."""
-    import tempfile
-    from pathlib import Path
-
+@pytest.fixture(scope="session")
+def learning_runs(request, tmp_path_factory):
+    """The learning tests' runs (``@pytest.mark.learning_run(TARGET, minutes=M)``) in background
+    processes, several at once, longest first (:mod:`tests.background`)."""
     from tests.background import MARKER, BackgroundRuns
 
     marks = {}
-    for item in session.items:
+    for item in request.session.items:
         for marker in item.iter_markers(MARKER):
             marks.setdefault(marker.args[0], marker.kwargs.get("minutes", 1.0))
-    if marks and not session.config.option.collectonly:
-        folder = Path(tempfile.mkdtemp(prefix="rli-learning-runs-"))
-        session.config.stash[LEARNING_RUNS] = BackgroundRuns(sorted(marks, key=marks.get, reverse=True), folder)
-        session.config.stash[LEARNING_RUNS].start()
+    runs = BackgroundRuns(sorted(marks, key=marks.get, reverse=True), tmp_path_factory.mktemp("learning_runs"))
+    yield runs
+    runs.stop()
 
-
-def pytest_sessionfinish(session, exitstatus):
-    runs = session.config.stash.get(LEARNING_RUNS, None)
-    if runs is not None:
-        runs.stop()
-        import shutil
-
-        shutil.rmtree(runs.folder, ignore_errors=True)
-
-
-LEARNING_RUNS = pytest.StashKey()
-
-
-@pytest.fixture(scope="session")
-def learning_runs(request):
-    """The learning runs started when collection ended (see ``pytest_collection_finish``)."""
-    runs = request.config.stash.get(LEARNING_RUNS, None)
-    if runs is None:
-        pytest.fail("no learning runs were started: is the test marked @pytest.mark.learning_run(TARGET)?")
-    return runs
