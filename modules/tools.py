@@ -14,8 +14,8 @@
 (:func:`modules.evaluation.compare_interventions`): the vector off; the trained vector at several
 scales of ``alpha·v``; a CAA vector (``cli.py caa``) at several multipliers; any other saved vector
 files; the unsteered model told in its system prompt to answer as a persona would (``--instructions``:
-what asking buys, the bar a vector is held to). Each is scored by the training judge and by an evaluation judge (other persona wording by
-default, or another judge); it prints a table and replies side by side, and with ``--output_dir``
+what asking buys, the bar a vector is held to). Each is scored by the training judge and by an
+evaluation judge (other persona wording by default, or another judge); it prints a table and replies side by side, and with ``--output_dir``
 writes ``comparison.json``, ``comparison.txt`` and ``frontier.png`` (reward vs KL).
 """
 
