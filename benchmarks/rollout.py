@@ -1,8 +1,9 @@
 """Decode-step speed of steered generation, side by side: HF generate (eager, and static cache +
 compile) and the rollout engine, as ratios to the GEMM ceiling measured in the same call.
 
-The model is Llama-3-8B-shaped with random bf16 weights built on the GPU, a steering vector at layer
-16 (post-attention RMSNorm, every position) on in every path. Prompts are 64 random tokens, every
+The model is shaped like Llama-3-8B (``--shape llama3-8b``, the default) or Qwen3-8B (``qwen3-8b``, with
+its q/k RMSNorm) with random bf16 weights built on the GPU, a steering vector at the middle layer (16 of
+32, 18 of 36; post-attention RMSNorm, every position) on in every path. Prompts are 64 random tokens, every
 fourth row left-padded by 8. ms per decode step = (time of N new tokens - time of 1) / (N - 1), the
 median of a few runs after a warm-up (which, for the engine, captures its graphs). Random weights
 practically never draw the end token, so every row runs N steps.
@@ -10,10 +11,11 @@ practically never draw the end token, so every row runs N steps.
 Before timing it checks the engine at this shape: its logits against a plain forward over the same
 tokens, and its greedy tokens against HF generate's.
 
-    python benchmarks/rollout.py --ceiling_script .device/gemm_ceiling.py [--batches 8 32 128] \\
-        [--new_tokens 120 512] [--budget_s 420]
+    python benchmarks/rollout.py --ceiling_script .device/gemm_ceiling.py [--shape qwen3-8b] \\
+        [--batches 8 32 128] [--new_tokens 120 512] [--budget_s 420]
 
-Prints a markdown table and writes ``$OUT/rollout_bench.json``. ``--shape tiny`` runs anywhere.
+The ceiling script is called with the same ``--shape``. Prints a markdown table and writes
+``$OUT/rollout_bench.json``. ``--shape tiny`` and ``--shape tiny-qwen3`` run anywhere.
 """
 
 from __future__ import annotations
@@ -29,30 +31,37 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 from modules.engine import RolloutEngine  # noqa: E402
 from modules.models.steering import Steering, SteeringVector  # noqa: E402
 from modules.rollout import Rollout, response_hidden_states  # noqa: E402
 
-SHAPES = {  # as in benchmarks/rollout_baseline.py
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                      rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=49152, max_position_embeddings=1024, tie_word_embeddings=True),
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=49152, max_position_embeddings=1024, tie_word_embeddings=True)
+SHAPES = {  # name: (config class, model class, config kwargs); llama3-8b and tiny as in benchmarks/rollout_baseline.py
+    "llama3-8b": (LlamaConfig, LlamaForCausalLM, dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False)),
+    "qwen3-8b": (Qwen3Config, Qwen3ForCausalLM, dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, eos_token_id=151645)),
+    "tiny": (LlamaConfig, LlamaForCausalLM, TINY),
+    "tiny-qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(TINY, head_dim=16)),  # Qwen3Config's head_dim defaults to 128
 }
 PROMPT_LEN, PAD_EVERY, PAD_LEN = 64, 4, 8
-EOS = 128001
+EOS = 128001  # Llama-3's end token, modulo the vocab where a shape names none; random weights hardly ever draw it
 
 
 def build(shape: str, device: str):
-    config = LlamaConfig(**SHAPES[shape], eos_token_id=EOS % SHAPES[shape]["vocab_size"], pad_token_id=0,
-                         bos_token_id=1)
+    config_class, model_class, kwargs = SHAPES[shape]
+    config = config_class(**{"eos_token_id": EOS % kwargs["vocab_size"], **kwargs}, pad_token_id=0, bos_token_id=1)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+        model = model_class._from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
     vector = SteeringVector(config.hidden_size, alpha_init=1.0).to(device)
     with torch.no_grad():
@@ -87,7 +96,8 @@ def timed(fn, repeats: int) -> float:
 def hf_generate(model, ids, mask, n: int, static: bool = False, streamer=None):
     extra = dict(cache_implementation="static") if static else {}
     return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=n,
-                          min_new_tokens=n, pad_token_id=0, eos_token_id=EOS, streamer=streamer, **extra)
+                          min_new_tokens=n, pad_token_id=0, eos_token_id=model.config.eos_token_id,
+                          streamer=streamer, **extra)
 
 
 class StepClock:
@@ -113,13 +123,14 @@ def step_ms(run, n: int, repeats: int) -> tuple[float, float]:
 def check_engine(model, engine: RolloutEngine, device: str) -> dict:
     """Engine vs a plain forward (logits) and vs HF generate (greedy tokens), at this shape."""
     ids, mask = prompts(8, model.config.vocab_size, device)
+    eos = model.config.eos_token_id
     with torch.no_grad():
-        out = engine.generate(ids, mask, 24, [EOS], 0, greedy=True, keep_logits=True)
+        out = engine.generate(ids, mask, 24, [eos], 0, greedy=True, keep_logits=True)
         tokens = out.tokens
         batch = Rollout([""] * 8, ids, mask, tokens, torch.ones_like(tokens), [""] * 8)
         plain = model.get_output_embeddings()(response_hidden_states(model, batch)).float()
         hf_out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=24,
-                                min_new_tokens=24, pad_token_id=0, eos_token_id=EOS, output_logits=True,
+                                min_new_tokens=24, pad_token_id=0, eos_token_id=eos, output_logits=True,
                                 return_dict_in_generate=True)
         hf, hf_logits = hf_out.sequences[:, PROMPT_LEN:], torch.stack(hf_out.logits, 1).float()
         hf_batch = Rollout([""] * 8, ids, mask, hf, torch.ones_like(hf), [""] * 8)
@@ -136,13 +147,13 @@ def check_engine(model, engine: RolloutEngine, device: str) -> dict:
         "greedy_tokens_equal_hf_prefix": same_prefix}
 
 
-def profile_step(engine: RolloutEngine, ids, mask, n: int) -> dict:
+def profile_step(engine: RolloutEngine, ids, mask, n: int, eos: list[int]) -> dict:
     """GPU time of the engine's decode kernels by kind, over the replays of one rollout."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine.generate(ids, mask, n, [EOS], 0)
+    engine.generate(ids, mask, n, eos, 0)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        engine.generate(ids, mask, n, [EOS], 0)
+        engine.generate(ids, mask, n, eos, 0)
         torch.cuda.synchronize()
     kinds: dict[str, float] = {}
     top = []
@@ -197,13 +208,18 @@ def main() -> None:
 
     ceiling: dict[int, float] = {}
     if args.ceiling_script:
-        text = subprocess.run([sys.executable, args.ceiling_script], capture_output=True, text=True).stdout
+        proc = subprocess.run([sys.executable, args.ceiling_script, "--shape", args.shape], capture_output=True,
+                              text=True)
+        text = proc.stdout
         print(text, flush=True)
+        if proc.returncode:
+            print(f"ceiling script failed (exit {proc.returncode}): {proc.stderr[-2000:]}", flush=True)
         ceiling = {r["M"]: r["step_ms"] for r in (json.loads(x) for x in text.splitlines() if x.startswith("{"))}
         result["ceiling_ms"] = ceiling
         result["ceiling_note"] = next((x for x in text.splitlines() if x.startswith("weights")), "")
 
     model, steering = build(args.shape, device)
+    eos = [model.config.eos_token_id]
     if args.four_bit:
         from benchmarks.update_cost import quantize_in_place
 
@@ -237,7 +253,7 @@ def main() -> None:
                 continue
             try:
                 def ours(k, n=n):
-                    engine.generate(ids, mask, k, [EOS], 0, temperature=1.0, top_p=1.0)
+                    engine.generate(ids, mask, k, eos, 0, temperature=1.0, top_p=1.0)
                 warm = timed(lambda: ours(n), 1)
                 add("ours", batch, n, *step_ms(ours, n, args.repeats), first_call_s=round(warm, 2),
                     graphs_captured=engine.captures)
@@ -255,7 +271,7 @@ def main() -> None:
     if device == "cuda" and args.profile and 32 in args.batches and left() > 30 and not args.lora_only:
         try:
             ids, mask = prompts(32, model.config.vocab_size, device)
-            result["profile_batch32"] = profile_step(engine, ids, mask, min(args.new_tokens))
+            result["profile_batch32"] = profile_step(engine, ids, mask, min(args.new_tokens), eos)
             print("profile of ours, batch 32:", json.dumps(result["profile_batch32"], indent=1), flush=True)
         except Exception as err:  # noqa: BLE001
             print(f"profile failed: {type(err).__name__}: {err}", flush=True)
@@ -266,9 +282,9 @@ def main() -> None:
         ids, mask = prompts(32, model.config.vocab_size, device)
         n = min(args.new_tokens)
         try:
-            timed(lambda: plain.generate(ids, mask, n, [EOS], 0), 1)
+            timed(lambda: plain.generate(ids, mask, n, eos, 0), 1)
             add("ours, plain (unfused) kernels", 32, n,
-                *step_ms(lambda k: plain.generate(ids, mask, k, [EOS], 0), n, args.repeats))
+                *step_ms(lambda k: plain.generate(ids, mask, k, eos, 0), n, args.repeats))
         except Exception as err:  # noqa: BLE001
             print(f"ours (plain kernels) failed: {type(err).__name__}: {err}", flush=True)
         del plain
@@ -277,8 +293,8 @@ def main() -> None:
                                ("ours, torch's default BLAS in the graphs", dict(blas_library=None))]:
             variant = RolloutEngine(model, **options)
             try:
-                timed(lambda: variant.generate(ids, mask, n, [EOS], 0), 1)
-                add(label, 32, n, *step_ms(lambda k: variant.generate(ids, mask, k, [EOS], 0), n, args.repeats))
+                timed(lambda: variant.generate(ids, mask, n, eos, 0), 1)
+                add(label, 32, n, *step_ms(lambda k: variant.generate(ids, mask, k, eos, 0), n, args.repeats))
             except Exception as err:  # noqa: BLE001
                 print(f"{label} failed: {type(err).__name__}: {err}", flush=True)
             variant.release()
@@ -293,8 +309,8 @@ def main() -> None:
         for shared in (True, False):
             variant = RolloutEngine(model, share_prompt_pass=shared)
             try:
-                timed(lambda: variant.generate(ids, mask, 2, [EOS], 0), 1)
-                ms = timed(lambda: variant.generate(ids, mask, 1, [EOS], 0), max(args.repeats, 3)) * 1e3
+                timed(lambda: variant.generate(ids, mask, 2, eos, 0), 1)
+                ms = timed(lambda: variant.generate(ids, mask, 1, eos, 0), max(args.repeats, 3)) * 1e3
                 add(f"prompt pass + first token, {64 // group} prompts x {group} samples of {length} tokens, "
                     + ("shared per prompt" if shared else "row by row"), ids.shape[0], 1, ms, ms)
             except Exception as err:  # noqa: BLE001
@@ -340,23 +356,24 @@ def main() -> None:
                 if left() < 25:
                     break
                 ids, mask = prompts(batch, model.config.vocab_size, device)
-                timed(lambda: lora_engine.generate(ids, mask, n, [EOS], 0), 1)
+                timed(lambda: lora_engine.generate(ids, mask, n, eos, 0), 1)
                 add("ours, LoRA r=16 all-linear (adapters fused per projection group)", batch, n,
-                    *step_ms(lambda k: lora_engine.generate(ids, mask, k, [EOS], 0), n, args.repeats))
+                    *step_ms(lambda k: lora_engine.generate(ids, mask, k, eos, 0), n, args.repeats))
             lora_engine.release()
             if 32 in args.batches and left() > 25:  # the same adapter through peft's own layers, as before
                 peft_engine = RolloutEngine(policy, fuse_projections=False)
                 ids, mask = prompts(32, model.config.vocab_size, device)
-                timed(lambda: peft_engine.generate(ids, mask, n, [EOS], 0), 1)
+                timed(lambda: peft_engine.generate(ids, mask, n, eos, 0), 1)
                 add("ours, LoRA r=16 all-linear (peft's layers, unfused)", 32, n,
-                    *step_ms(lambda k: peft_engine.generate(ids, mask, k, [EOS], 0), n, args.repeats))
+                    *step_ms(lambda k: peft_engine.generate(ids, mask, k, eos, 0), n, args.repeats))
         except Exception as err:  # noqa: BLE001
             print(f"LoRA row failed: {type(err).__name__}: {err}", flush=True)
 
     result["seconds"] = round(time.perf_counter() - began, 1)
     save()
-    print(f"\n{result['device']}, {result['date']}, torch {result['torch']}; Llama-3-8B shape, random bf16 weights, "
-          f"steering on (layer 16, post-attention norm, all positions); prompts {PROMPT_LEN} tokens\n")
+    dtype, layer = "bf16" if device == "cuda" else "fp32", model.config.num_hidden_layers // 2
+    print(f"\n{result['device']}, {result['date']}, torch {result['torch']}; {args.shape} shape, random {dtype} "
+          f"weights, steering on (layer {layer}, post-attention norm, all positions); prompts {PROMPT_LEN} tokens\n")
     print("| path | batch | new tokens | ms / decode step | tokens/s | GEMM ceiling ms | vs ceiling |")
     print("|---|---|---|---|---|---|---|")
     for r in result["rows"]:
