@@ -123,30 +123,32 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
                         num_kv_heads, head_dim, qk_norm, act == "silu")
 
 
-def fsdp_managed(model: nn.Module) -> bool:
-    """Whether any part of ``model`` is sharded by FSDP2 (``fully_shard``)."""
+def _fsdp_classes() -> tuple[type, type] | None:
+    """FSDP2's module class and DTensor, or None where torch has no torch.distributed."""
     try:
         from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch built without torch.distributed
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+        return None
+    return FSDPModule, DTensor
+
+
+def fsdp_managed(model: nn.Module) -> bool:
+    """Whether any part of ``model`` is sharded by FSDP2 (``fully_shard``)."""
+    classes = _fsdp_classes()
+    return classes is not None and any(isinstance(m, classes[0]) for m in model.modules())
 
 
 def _fsdp_hook(module: nn.Module, hook) -> bool:
     """One of FSDP2's own forward hooks (they gather and free the module's weights, nothing else)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(module, FSDPModule) and type(getattr(hook, "__self__", None)).__name__ == "FSDPState"
+    classes = _fsdp_classes()
+    return (classes is not None and isinstance(module, classes[0])
+            and type(getattr(hook, "__self__", None)).__name__ == "FSDPState")
 
 
 def _sharded(module: nn.Module) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    classes = _fsdp_classes()
+    return classes is not None and any(isinstance(p, classes[1]) for p in module.parameters())
 
 
 def _hooks(module: nn.Module):
