@@ -70,9 +70,9 @@ def run_training(argv: list[str] | None) -> None:
     import modules.sarm_ppo  # noqa: F401
     import modules.steering_rl  # noqa: F401
     from modules.on_policy import OnPolicyModule
-    from modules.sharding import check_strategy, register_strategies
+    from modules.strategies import check_strategy, register_strategies
 
-    register_strategies()  # --trainer.strategy fsdp / fsdp2: FSDP2 (see modules/sharding.py)
+    register_strategies()  # --trainer.strategy fsdp / fsdp2: FSDP2 (see modules/strategies.py)
 
     class RLCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:

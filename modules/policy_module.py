@@ -23,7 +23,8 @@ from modules.rewards import RewardFunction
 from modules.rl.kl import exact_kl
 from modules.rl.losses import TokenStats, response_token_stats
 from modules.rollout import Rollout, SamplingConfig, response_hidden_states
-from modules.sharding import check_strategy, gathered, shard_for_fsdp2, whole
+from modules.sharding import gathered, shard_for_fsdp2, whole
+from modules.strategies import check_strategy
 
 
 class PolicyModule(L.LightningModule):

@@ -142,7 +142,7 @@ def test_strategy_names_and_the_zero3_4bit_refusal():
     from lightning.pytorch.strategies import StrategyRegistry
 
     from modules.errors import UserError
-    from modules.sharding import FSDP2Strategy, check_strategy, register_strategies
+    from modules.strategies import FSDP2Strategy, check_strategy, register_strategies
 
     register_strategies()
     assert StrategyRegistry["fsdp"]["strategy"] is FSDP2Strategy and StrategyRegistry["fsdp2"]["strategy"] is FSDP2Strategy
