@@ -20,6 +20,7 @@ Anything else raises :class:`Unsupported` with one line that says why.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 
 import torch
 from torch import nn
@@ -123,6 +124,7 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
                         num_kv_heads, head_dim, qk_norm, act == "silu")
 
 
+@cache
 def _fsdp_classes() -> tuple[type, type] | None:
     """FSDP2's module class and DTensor, or None where torch has no torch.distributed."""
     try:
